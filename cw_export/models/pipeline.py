@@ -1,0 +1,202 @@
+"""Load, build and save Stable-Diffusion-format pipelines (the first stage of the data flow).
+
+``--model builtin`` is a tiny pipeline created deterministically from a fixed seed (nothing is downloaded);
+``--model PATH`` is a diffusers pipeline folder. Both come back as one ``SDModel`` whose ``source`` records where the
+weights came from and a content hash, so that a bundle can name its source and ``validate`` can re-check parity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from . import configs
+
+BUILTIN_NAME = "builtin"
+BUILTIN_SEED = 0
+REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+
+
+@dataclass
+class SDModel:
+    """The components a bundle is built from, in eval mode, float32, on the CPU."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    vae: Any
+    scheduler_config: dict
+    source: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_latent_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    def tokenize(self, prompts: list[str]):
+        """Token ids as diffusers' StableDiffusionPipeline makes them (pad to max length, truncate)."""
+        return self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids
+
+
+def _set_offline() -> None:
+    # Nothing can be fetched here; make every hub call fail fast instead of hanging on the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _build_tokenizer():
+    from transformers import CLIPTokenizer
+
+    from .tokenizer_files import builtin_corpus, train_clip_bpe, write_clip_tokenizer
+
+    vocab, merges = train_clip_bpe(builtin_corpus())
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(tmp, vocab, merges)
+        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def build_builtin_model() -> SDModel:
+    """Create the tiny random-weight pipeline; identical weights on every call (seeded per component)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _build_tokenizer()
+    torch.manual_seed(BUILTIN_SEED)
+    unet = UNet2DConditionModel(**configs.TINY_UNET)
+    torch.manual_seed(BUILTIN_SEED + 1)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **configs.TINY_TEXT_ENCODER,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(BUILTIN_SEED + 2)
+    vae = AutoencoderKL(**configs.TINY_VAE)
+    model = SDModel(unet, text_encoder, tokenizer, vae, dict(configs.SD_NOISE_SCHEDULE))
+    _to_eval(model)
+    model.source = {"kind": "builtin", "name": BUILTIN_NAME, "seed": BUILTIN_SEED,
+                    "sha256": weights_hash(model)}
+    return model
+
+
+def _to_eval(model: SDModel) -> None:
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.eval().requires_grad_(False)
+
+
+def weights_hash(model: SDModel) -> str:
+    """sha256 over every parameter and buffer, by name: identifies weights independently of file layout."""
+    digest = hashlib.sha256()
+    for prefix, module in (("unet", model.unet), ("text_encoder", model.text_encoder), ("vae", model.vae)):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{prefix}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def folder_hash(path: Path) -> str:
+    """sha256 over relative paths and bytes of every file under ``path`` (sorted), for provenance."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_folder(path: Path) -> None:
+    if not path.exists():
+        raise ModelError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise ModelError(f"model path is not a folder: {path}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"not a diffusers pipeline folder (no model_index.json): {path}")
+    try:
+        json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"corrupt model_index.json in {path}: {exc}") from None
+    missing = [name for name in REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
+    if missing:
+        raise ModelError(f"model folder {path} lacks component folder(s): {', '.join(missing)}")
+
+
+def load_model_folder(path: str | os.PathLike) -> SDModel:
+    """Load a diffusers Stable Diffusion pipeline folder offline; any broken component is a ModelError."""
+    _set_offline()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(path).resolve()
+    _check_folder(folder)
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True),
+    }
+    parts = {}
+    for name, load in loaders.items():
+        try:
+            parts[name] = load()
+        except Exception as exc:  # boundary: any library failure on user files becomes one line
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load {name} from {folder}: {first_line}") from None
+    try:
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read scheduler config in {folder}: {exc}") from None
+    model = SDModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"],
+                    _noise_schedule_from(scheduler_config))
+    _to_eval(model)
+    model.source = {"kind": "folder", "path": str(folder), "sha256": folder_hash(folder)}
+    return model
+
+
+def _noise_schedule_from(scheduler_config: dict) -> dict:
+    """Keep the source's noise schedule (betas, offsets, prediction type) under the DPM++ 2M sampler defaults."""
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "timestep_spacing", "steps_offset")
+    schedule = dict(configs.SD_NOISE_SCHEDULE)
+    schedule.update({k: scheduler_config[k] for k in keys if scheduler_config.get(k) is not None})
+    return schedule
+
+
+def load_model(spec: str) -> SDModel:
+    """``builtin`` or a pipeline folder path."""
+    _set_offline()
+    if spec == BUILTIN_NAME:
+        return build_builtin_model()
+    return load_model_folder(spec)
+
+
+def save_model(model: SDModel, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a standard diffusers folder (loadable by StableDiffusionPipeline.from_pretrained), atomically."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from ..atomic import atomic_directory
+
+    scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler_config)
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)

@@ -1,0 +1,134 @@
+"""Targets as data: versioned TOML recipes under ``recipes/`` checked against a strict schema.
+
+Every section is a frozen dataclass; unknown keys are rejected with the list of valid ones (a typo must never be
+silently ignored), and every field's comment says why it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RecipeError
+from .resources import data_dir
+
+RECIPE_SCHEMA_VERSION = 1
+RECIPES_DIR = data_dir("recipes")
+DEFAULT_TARGET = "cpu-fp32"
+
+
+@dataclass(frozen=True)
+class BuildSection:
+    steps: int = 8  # paper's headline setting: 8 DPM++ steps
+    clock: int = 2  # a full UNet every `clock` steps; 2 is the paper's default for <= 8 steps
+    guidance_scale: float = 7.5  # classifier-free guidance; graphs are built for batch 2 (uncond, cond)
+    sampler: str = "dpmpp_2m"  # the paper's deployment sampler; the adaptor is tied to it
+    adaptor: str = "identity"  # identity (paper baseline) or learned (model-step distillation)
+    height: int = 0  # image height in pixels; 0 = the model's native size
+    width: int = 0  # image width in pixels; 0 = the model's native size
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    opset: int = 17  # TorchScript exporter is clean for diffusers UNets at 17 (PLATFORM.md)
+    simplify: bool = True  # onnxsim folds shape arithmetic that mobile runtimes handle poorly
+
+
+@dataclass(frozen=True)
+class QuantizationSection:
+    backend: str = "none"  # none (FP32), aimet or ort
+    weight_bits: int = 8
+    activation_bits: dict = field(default_factory=dict)  # graph name -> 8 or 16
+
+
+@dataclass(frozen=True)
+class ParitySection:
+    graph_max_rel_diff: float = 1e-4  # ORT vs torch per FP32 graph, relative to max|reference|
+    graph_min_sqnr_db: float = 0.0  # per quantized graph; 0 disables
+    final_latent_min_psnr_db: float = 0.0  # quantized clocked bundle vs FP32 clocked torch; 0 disables
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    schema_version: int
+    build: BuildSection
+    export: ExportSection
+    quantization: QuantizationSection
+    parity: ParitySection
+    source_sha256: str
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source_sha256")
+        return data
+
+    def with_build(self, **overrides) -> "Recipe":
+        """A copy with CLI overrides applied (None values mean 'keep the recipe's value')."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, build=dataclasses.replace(self.build, **changes))
+
+
+SECTIONS = {"build": BuildSection, "export": ExportSection, "quantization": QuantizationSection,
+            "parity": ParitySection}
+TOP_LEVEL = {"name", "description", "schema_version", *SECTIONS}
+
+
+def available_targets() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def _section(name: str, cls, data: object, source: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: [{name}] must be a table")
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise RecipeError(f"{source}: unknown key(s) {unknown} in [{name}]; valid keys: {sorted(valid)}")
+    for key, value in data.items():
+        default = valid[key].default if valid[key].default is not dataclasses.MISSING else valid[key].default_factory()
+        if type(default) is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if type(value) is not type(default):
+            raise RecipeError(f"{source}: [{name}] {key} must be {type(default).__name__}, got {value!r}")
+    return cls(**data)
+
+
+def parse_recipe(text: str, source: str) -> Recipe:
+    """Parse and validate recipe TOML text; ``source`` names the file in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{source}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - TOP_LEVEL)
+    if unknown:
+        raise RecipeError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(TOP_LEVEL)}")
+    version = data.get("schema_version")
+    if version != RECIPE_SCHEMA_VERSION:
+        raise RecipeError(f"{source}: schema_version {version!r} is not supported (expected {RECIPE_SCHEMA_VERSION})")
+    for key in ("name", "description"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise RecipeError(f"{source}: '{key}' must be a non-empty string")
+    sections = {name: _section(name, cls, data.get(name, {}), source) for name, cls in SECTIONS.items()}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return Recipe(name=data["name"], description=data["description"], schema_version=version,
+                  source_sha256=digest, **sections)
+
+
+def load_recipe(target: str) -> Recipe:
+    """A target name from ``recipes/`` or a path to a recipe file."""
+    path = Path(target)
+    if not (path.suffix == ".toml" and path.is_file()):
+        path = RECIPES_DIR / f"{target}.toml"
+    if not path.is_file():
+        raise RecipeError(f"unknown target '{target}'; available: {', '.join(available_targets())}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}") from None
+    return parse_recipe(text, str(path.name))

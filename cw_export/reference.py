@@ -1,0 +1,87 @@
+"""Torch reference trajectories: diffusers' scheduler + the original UNet, optionally clocked.
+
+Used as ground truth for the bundle runtime (tests, ``validate``) and as the teacher in calibration and
+distillation. The clocked reference does not use ``split``: a forward hook on ``up_blocks[-2]`` caches its output on
+full steps and replaces it on clocked steps (the official Clockwork wrapper's identity adaptor), so it checks the
+split independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .runtime.schedule import CLOCKED, step_kinds
+
+
+@dataclass
+class TorchTrajectory:
+    latents: np.ndarray
+    step_latents: list[np.ndarray] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)
+
+
+def make_scheduler(model, sampler: str = "dpmpp_2m"):
+    """The diffusers scheduler our numpy sampler ports (checked step by step in the tests)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    classes = {"dpmpp_2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
+    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    return classes[sampler].from_config(config)
+
+
+class _IdentityClockHook:
+    """Caches up_blocks[-2]'s output on full steps; returns the cached tensor on clocked steps."""
+
+    def __init__(self) -> None:
+        self.clocked = False
+        self.cached: torch.Tensor | None = None
+
+    def __call__(self, module, inputs, output):
+        if self.clocked:
+            return self.cached
+        self.cached = output
+        return output
+
+
+def torch_trajectory(
+    model,
+    encoder_hidden_states: torch.Tensor,
+    init_latents: torch.Tensor,
+    steps: int,
+    clock: int = 1,
+    guidance_scale: float = 7.5,
+    sampler: str = "dpmpp_2m",
+) -> TorchTrajectory:
+    """Sample with the original UNet; clock > 1 reuses up_blocks[-2]'s cached output (identity adaptor)."""
+    scheduler = make_scheduler(model, sampler)
+    scheduler.set_timesteps(steps)
+    kinds = step_kinds(steps, clock)
+    hook = _IdentityClockHook()
+    handle = model.unet.up_blocks[-2].register_forward_hook(hook)
+    latents = init_latents.float() * scheduler.init_noise_sigma
+    trajectory = TorchTrajectory(latents=np.empty(0), timesteps=[int(t) for t in scheduler.timesteps])
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(scheduler.timesteps):
+                hook.clocked = kinds[i] == CLOCKED
+                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                noise = model.unet(model_input, t, encoder_hidden_states=encoder_hidden_states).sample
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance_scale * (cond - uncond)
+                latents = scheduler.step(noise, t, latents).prev_sample
+                trajectory.step_latents.append(latents.numpy().copy())
+    finally:
+        handle.remove()
+    trajectory.latents = latents.numpy()
+    return trajectory
+
+
+def text_embeddings(model, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(encoder_hidden_states, pooled) for [uncond, cond], as diffusers' pipeline encodes them."""
+    ids = model.tokenize([negative_prompt, prompt])
+    with torch.no_grad():
+        out = model.text_encoder(input_ids=ids, return_dict=True)
+    return out.last_hidden_state, out.pooler_output

@@ -1,0 +1,154 @@
+"""Run a bundle: the clocked denoising loop in numpy + onnxruntime (no torch, no diffusers).
+
+Per step (the manifest's ``wiring`` says which graph reads and writes which slot):
+  full step:    high_res_in -> low_res -> high_res_out        (r_out cached as r_out_prev)
+  clocked step: high_res_in -> adaptor -> high_res_out        (identity adaptor: r_out := r_out_prev)
+then classifier-free guidance and one sampler update from the manifest's per-step table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from . import schedulers
+from .manifest import load_verified
+from .schedule import CLOCKED, step_kinds
+from .sessions import create_session
+
+StepHook = Callable[[int, str, dict], None]
+
+
+@dataclass
+class Trajectory:
+    """Final latents (before VAE scaling) plus what happened at each step, for parity checks."""
+
+    latents: np.ndarray
+    kinds: list[str]
+    timesteps: list[int]
+    step_latents: list[np.ndarray] = field(default_factory=list)
+    guidance_ratios: list[float] = field(default_factory=list)
+
+
+class BundleRunner:
+    """Loads a verified bundle's graphs once and runs trajectories through them."""
+
+    def __init__(self, bundle: str | os.PathLike, provider: str = "cpu", verify: bool = True) -> None:
+        self.bundle = Path(bundle)
+        self.manifest = load_verified(self.bundle, verify=verify)
+        self.provider = provider
+        self._sessions: dict = {}
+
+    def session(self, graph: str):
+        if graph not in self._sessions:
+            self._sessions[graph] = create_session(self.bundle / self.manifest["graphs"][graph]["file"], self.provider)
+        return self._sessions[graph]
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """(encoder_hidden_states, pooled_text) for the batch [uncond, cond], via the bundle's text encoder."""
+        from .tokenizer import ClipTokenizer
+
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("--prompt must be a non-empty string")
+        tokenizer = ClipTokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["folder"])
+        ids = tokenizer([negative_prompt, prompt]).astype(np.int64)
+        session = self.session("text_encoder")
+        hidden, pooled = session.run(["encoder_hidden_states", "pooled_text"], {"input_ids": ids})
+        return hidden, pooled
+
+    def check_text_embeds(self, hidden: np.ndarray, pooled: np.ndarray | None) -> None:
+        expected = self.graph_input_shape("high_res_in", "encoder_hidden_states")
+        if tuple(hidden.shape) != tuple(expected):
+            raise InputError(f"text embeddings have shape {list(hidden.shape)}; the bundle needs {expected}"
+                             " (uncond and cond, each [1, seq, dim])")
+        if pooled is not None and tuple(pooled.shape) != (expected[0], expected[2]) and "adaptor" in self.manifest["graphs"]:
+            raise InputError(f"pooled text has shape {list(pooled.shape)}; expected {[expected[0], expected[2]]}")
+
+    def graph_input_shape(self, graph: str, name: str) -> list[int]:
+        for spec in self.manifest["graphs"][graph]["inputs"]:
+            if spec["name"] == name:
+                return spec["shape"]
+        raise KeyError(f"{graph} has no input {name}")
+
+    # -- denoising ----------------------------------------------------------------------------------------------
+    def latent_shape(self) -> list[int]:
+        return list(self.manifest["latent"]["shape"])
+
+    def generate(
+        self,
+        encoder_hidden_states: np.ndarray,
+        pooled_text: np.ndarray | None,
+        init_latents: np.ndarray,
+        steps: int | None = None,
+        clock: int | None = None,
+        guidance_scale: float | None = None,
+        progress: bool = False,
+        on_step: StepHook | None = None,
+    ) -> Trajectory:
+        """Denoise unit-Gaussian ``init_latents`` [1, C, h, w]; returns final latents before VAE scaling."""
+        schedule = self.manifest["schedule"]
+        steps = schedule["steps"] if steps is None else steps
+        clock = schedule["clock"] if clock is None else clock
+        guidance = self.manifest["guidance_scale"] if guidance_scale is None else guidance_scale
+        if not np.isfinite(guidance):
+            raise InputError(f"--guidance must be a finite number, got {guidance}")
+        kinds = step_kinds(steps, clock)
+        if tuple(init_latents.shape) != tuple(self.latent_shape()):
+            raise InputError(f"init latents have shape {list(init_latents.shape)}; the bundle needs {self.latent_shape()}")
+        self.check_text_embeds(encoder_hidden_states, pooled_text)
+        sampler = self.manifest["sampler"]
+        table = schedulers.build_step_table(sampler["name"], sampler["config"], steps)
+        wiring = self.manifest["wiring"]
+
+        latents = init_latents.astype(np.float32) * np.float32(schedulers.init_noise_sigma(table))
+        state: dict = {}
+        cache: dict[str, np.ndarray] = {}
+        trajectory = Trajectory(latents=latents, kinds=kinds, timesteps=[int(t) for t in table["timesteps"]])
+        iterator = range(steps)
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, desc="denoise", unit="step")
+        for i in iterator:
+            kind = kinds[i]
+            t = table["timesteps"][i]
+            model_input = schedulers.scale_model_input(table, i, np.concatenate([latents, latents]))
+            slots = {
+                "sample": model_input.astype(np.float32),
+                "timestep": np.full((model_input.shape[0],), t, dtype=np.float32),
+                "encoder_hidden_states": encoder_hidden_states.astype(np.float32),
+            }
+            if pooled_text is not None:
+                slots["pooled_text"] = pooled_text.astype(np.float32)
+            if kind == CLOCKED:
+                slots.update(cache)
+                for target, source in wiring["clocked_aliases"].items():
+                    slots[target] = slots[source]
+            for graph in wiring["steps"][kind]:
+                self._run_graph(graph, slots)
+            for target, source in wiring["cache"].items():
+                cache[target] = slots[source]
+            if on_step is not None:
+                on_step(i, kind, slots)
+            noise_uncond, noise_cond = np.split(slots[wiring["step_output"]], 2)
+            delta = noise_cond - noise_uncond
+            noise = noise_uncond + np.float32(guidance) * delta
+            latents = schedulers.sampler_step(table, i, noise, latents, state).astype(np.float32)
+            trajectory.step_latents.append(latents)
+            trajectory.guidance_ratios.append(float(np.std(delta)))
+        trajectory.latents = latents
+        return trajectory
+
+    def _run_graph(self, graph: str, slots: dict) -> None:
+        spec = self.manifest["wiring"]["graphs"][graph]
+        feeds = {name: slots[slot] for name, slot in spec["inputs"].items()}
+        outputs = list(spec["outputs"])
+        values = self.session(graph).run(outputs, feeds)
+        for name, value in zip(outputs, values):
+            slots[spec["outputs"][name]] = value

@@ -1,0 +1,163 @@
+"""Split a diffusers UNet at the Clockwork Stage-1 cut (Habibian et al., CVPR 2024, Sec. 3 / PAPER.md "Split").
+
+    high_res_in  = time embedding + conv_in + down_blocks[0] (incl. its downsampler)
+    low_res      = down_blocks[1:] + mid_block + up_blocks[:-1], without the upsampler of up_blocks[-2]
+    high_res_out = that upsampler + up_blocks[-1] + conv_norm_out / conv_act / conv_out
+
+r_in is down_blocks[0]'s output (after its downsampler) and r_out is up_blocks[-2]'s output before its upsampler,
+both at the low resolution. On clocked steps low_res is skipped and an adaptor predicts r_out from the previous
+step's r_out. The three parts share the UNet's parameters (no copies), so an SD 1.5 split costs no extra memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+
+def _check_splittable(unet) -> None:
+    cfg = unet.config
+    if len(unet.down_blocks) < 3 or len(unet.up_blocks) < 3:
+        raise ModelError(f"UNet has {len(unet.down_blocks)} resolution levels; the Clockwork split needs at least 3")
+    if unet.down_blocks[0].downsamplers is None or unet.up_blocks[-2].upsamplers is None:
+        raise ModelError("UNet's first down block must downsample and its second-to-last up block must upsample")
+    unsupported = {
+        "class_embed_type": cfg.class_embed_type, "addition_embed_type": cfg.addition_embed_type,
+        "encoder_hid_dim_type": cfg.encoder_hid_dim_type, "time_cond_proj_dim": cfg.time_cond_proj_dim,
+    }
+    set_options = {k: v for k, v in unsupported.items() if v is not None}
+    if set_options:
+        raise ModelError(f"UNet options not supported by the split: {set_options}")
+    n_high_skips = len(unet.up_blocks[-1].resnets)
+    if n_high_skips != 1 + len(unet.down_blocks[0].resnets):
+        raise ModelError("up_blocks[-1] does not consume exactly conv_in + down_blocks[0] skips; cannot split")
+
+
+def _has_cross_attention(block) -> bool:
+    return bool(getattr(block, "has_cross_attention", False))
+
+
+class HighResIn(nn.Module):
+    """Inputs (sample, timestep, encoder_hidden_states) -> (temb, r_in, skip_0 .. skip_k)."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        unet = self.unet
+        # 1. time (diffusers UNet2DConditionModel.forward, phase 1)
+        t_emb = unet.time_proj(timestep).to(dtype=sample.dtype)
+        temb = unet.time_embedding(t_emb)
+        if unet.time_embed_act is not None:
+            temb = unet.time_embed_act(temb)
+        # 2. pre-process
+        sample = unet.conv_in(sample)
+        # 3. down, level 0 only; its last residual is the downsampler output = r_in (the cut).
+        block = unet.down_blocks[0]
+        if _has_cross_attention(block):
+            r_in, residuals = block(hidden_states=sample, temb=temb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            r_in, residuals = block(hidden_states=sample, temb=temb)
+        skips = (sample,) + tuple(residuals[:-1])
+        return (temb, r_in) + skips
+
+
+class LowRes(nn.Module):
+    """Inputs (r_in, temb, encoder_hidden_states) -> r_out: everything below the cut."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.down_blocks = nn.ModuleList(unet.down_blocks[1:])
+        self.mid_block = unet.mid_block
+        last = copy.copy(unet.up_blocks[-2])  # shallow: shares weights, own module table
+        last._modules = dict(last._modules)
+        last.upsamplers = None  # r_out is taken before the upsampler (PAPER.md "Split")
+        self.up_blocks = nn.ModuleList(list(unet.up_blocks[:-2]) + [last])
+
+    def forward(self, r_in: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        sample = r_in
+        residuals = (r_in,)  # r_in is also the skip that up_blocks[-2] consumes
+        # 3. down, levels 1..n
+        for block in self.down_blocks:
+            if _has_cross_attention(block):
+                sample, res = block(hidden_states=sample, temb=temb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample, res = block(hidden_states=sample, temb=temb)
+            residuals += res
+        # 4. mid
+        if self.mid_block is not None:
+            if _has_cross_attention(self.mid_block):
+                sample = self.mid_block(sample, temb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample = self.mid_block(sample, temb)
+        # 5. up, all but the last level; the final one stops before its upsampler -> r_out
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            res, residuals = residuals[-n:], residuals[:-n]
+            if _has_cross_attention(block):
+                sample = block(hidden_states=sample, temb=temb, res_hidden_states_tuple=res,
+                               encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample = block(hidden_states=sample, temb=temb, res_hidden_states_tuple=res)
+        assert not residuals, "every low-res skip must be consumed inside low_res"
+        return sample
+
+
+class HighResOut(nn.Module):
+    """Inputs (r_out, temb, encoder_hidden_states, skip_0 .. skip_k) -> noise prediction."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.upsamplers = unet.up_blocks[-2].upsamplers
+        self.up_block = unet.up_blocks[-1]
+        self.conv_norm_out = unet.conv_norm_out
+        self.conv_act = unet.conv_act
+        self.conv_out = unet.conv_out
+
+    def forward(self, r_out: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor, *skips):
+        sample = r_out
+        for upsampler in self.upsamplers:
+            sample = upsampler(sample)
+        # 5. up, last level
+        if _has_cross_attention(self.up_block):
+            sample = self.up_block(hidden_states=sample, temb=temb, res_hidden_states_tuple=tuple(skips),
+                                   encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample = self.up_block(hidden_states=sample, temb=temb, res_hidden_states_tuple=tuple(skips))
+        # 6. post-process
+        if self.conv_norm_out is not None:
+            sample = self.conv_act(self.conv_norm_out(sample))
+        return self.conv_out(sample)
+
+
+@dataclass
+class ClockworkSplit:
+    """The three parts of one UNet, plus the names of the tensors that flow between them."""
+
+    high_res_in: HighResIn
+    low_res: LowRes
+    high_res_out: HighResOut
+    num_skips: int
+
+    @property
+    def skip_names(self) -> list[str]:
+        return [f"skip_{i}" for i in range(self.num_skips)]
+
+    def unet_forward(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+        """Full step through the three parts; equals the UNet's output (tested)."""
+        temb, r_in, *skips = self.high_res_in(sample, timestep, encoder_hidden_states)
+        r_out = self.low_res(r_in, temb, encoder_hidden_states)
+        return self.high_res_out(r_out, temb, encoder_hidden_states, *skips)
+
+
+def split_unet(unet) -> ClockworkSplit:
+    """Cut ``unet`` (a diffusers UNet2DConditionModel) into its Clockwork parts, sharing its weights."""
+    _check_splittable(unet)
+    return ClockworkSplit(HighResIn(unet).eval(), LowRes(unet).eval(), HighResOut(unet).eval(),
+                          num_skips=len(unet.up_blocks[-1].resnets))
