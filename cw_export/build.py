@@ -24,7 +24,7 @@ from .adaptor import ADAPTOR_KINDS, build_adaptor, default_adaptor_config
 from .atomic import atomic_directory, check_output_path
 from .errors import InputError, ParityError
 from .export import ExportResult, export_graph
-from .models.pipeline import SDModel, load_model
+from .models.pipeline import SDModel, load_model, write_tokenizer_files
 from .recipe import Recipe
 from .runtime import schedulers
 from .runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, list_files, manifest_bytes
@@ -247,7 +247,7 @@ def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
         check_fp32_parity(results, recipe)
         stages.update()
         stages.set_postfix_str("tokenizer")
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        write_tokenizer_files(model, tmp / "tokenizer")
         stages.update()
         stages.set_postfix_str("manifest")
         manifest = build_manifest(model, recipe, results, num_skips, latent, table, tmp)

@@ -33,6 +33,7 @@ class SDModel:
     vae: Any
     scheduler_config: dict
     source: dict = field(default_factory=dict)
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # CLIP vocab.json/merges.txt/... as shipped
 
     @property
     def vae_scale_factor(self) -> int:
@@ -56,6 +57,21 @@ def _set_offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _read_tokenizer_files(folder: Path) -> dict[str, bytes]:
+    """The slow-format CLIP files (what the torch-free runtime tokenizer reads), where the folder has them."""
+    return {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+
+
+def write_tokenizer_files(model: "SDModel", out_dir: Path) -> None:
+    """Write the CLIP vocab.json + merges.txt (+ configs) that both transformers and our runtime load."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in sorted(model.tokenizer_files.items()):
+        (out_dir / name).write_bytes(data)
+
+
 def _build_tokenizer():
     from transformers import CLIPTokenizer
 
@@ -64,7 +80,7 @@ def _build_tokenizer():
     vocab, merges = train_clip_bpe(builtin_corpus())
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(tmp, vocab, merges)
-        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True), _read_tokenizer_files(Path(tmp))
 
 
 def build_builtin_model() -> SDModel:
@@ -73,7 +89,7 @@ def build_builtin_model() -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = _build_tokenizer()
+    tokenizer, tokenizer_files = _build_tokenizer()
     torch.manual_seed(BUILTIN_SEED)
     unet = UNet2DConditionModel(**configs.TINY_UNET)
     torch.manual_seed(BUILTIN_SEED + 1)
@@ -87,7 +103,8 @@ def build_builtin_model() -> SDModel:
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(BUILTIN_SEED + 2)
     vae = AutoencoderKL(**configs.TINY_VAE)
-    model = SDModel(unet, text_encoder, tokenizer, vae, dict(configs.SD_NOISE_SCHEDULE))
+    model = SDModel(unet, text_encoder, tokenizer, vae, dict(configs.SD_NOISE_SCHEDULE),
+                    tokenizer_files=tokenizer_files)
     _to_eval(model)
     model.source = {"kind": "builtin", "name": BUILTIN_NAME, "seed": BUILTIN_SEED,
                     "sha256": weights_hash(model)}
@@ -164,6 +181,9 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
         raise ModelError(f"cannot read scheduler config in {folder}: {exc}") from None
     model = SDModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"],
                     _noise_schedule_from(scheduler_config))
+    model.tokenizer_files = _read_tokenizer_files(folder / "tokenizer")
+    if not {"vocab.json", "merges.txt"} <= set(model.tokenizer_files):
+        raise ModelError(f"tokenizer in {folder} lacks vocab.json/merges.txt (CLIP BPE files the runtime needs)")
     _to_eval(model)
     model.source = {"kind": "folder", "path": str(folder), "sha256": folder_hash(folder)}
     return model
@@ -199,4 +219,5 @@ def save_model(model: SDModel, out_dir: str | os.PathLike, overwrite: bool = Fal
     )
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        write_tokenizer_files(model, Path(tmp) / "tokenizer")
     return Path(out_dir)
