@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .recipe import DEFAULT_TARGET
 
     parser = _Parser(prog="cw-export", description="Build a Clockwork-split ONNX bundle of a Stable Diffusion model.")
-    parser.add_argument("--model", default="builtin", help="'builtin' or a diffusers pipeline folder")
+    parser.add_argument("--model", default="builtin", help="'builtin', 'tiny-random' or a diffusers pipeline folder")
     parser.add_argument("--target", default=DEFAULT_TARGET, help="recipe name in recipes/ or a recipe .toml path")
     parser.add_argument("--out", type=Path, default=Path("bundle"), help="bundle folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only if the build succeeds)")
@@ -108,6 +108,7 @@ def validate_parser() -> argparse.ArgumentParser:
 def model_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cw-export model", description="Write the built-in pipeline as a diffusers folder.")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="builtin", help="built-in model name: builtin or tiny-random")
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -139,10 +140,14 @@ def cmd_validate(argv: list[str]) -> int:
 
 
 def cmd_model(argv: list[str]) -> int:
-    from .models.pipeline import build_builtin_model, save_model
+    from .atomic import check_output_path
+    from .models.pipeline import BUILTIN_MODELS, load_model, save_model
 
     args = model_parser().parse_args(argv)
-    out = save_model(build_builtin_model(), args.out, overwrite=args.overwrite)
+    if args.model not in BUILTIN_MODELS:
+        raise InputError(f"--model must be a built-in model ({', '.join(BUILTIN_MODELS)}), got '{args.model}'")
+    check_output_path(args.out.absolute(), args.overwrite)
+    out = save_model(load_model(args.model), args.out, overwrite=args.overwrite)
     print(f"built-in pipeline written: {out}")
     return 0
 

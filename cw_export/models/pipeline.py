@@ -18,7 +18,8 @@ from typing import Any
 from ..errors import ModelError
 from . import configs
 
-BUILTIN_NAME = "builtin"
+BUILTIN_NAME = "builtin"  # the default model of the main job
+TINY_RANDOM_NAME = "tiny-random"  # seeded random weights: the fast fixture of the unit tests
 BUILTIN_SEED = 0
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 
@@ -83,7 +84,7 @@ def _build_tokenizer():
         return CLIPTokenizer.from_pretrained(tmp, local_files_only=True), _read_tokenizer_files(Path(tmp))
 
 
-def build_builtin_model() -> SDModel:
+def build_tiny_random_model() -> SDModel:
     """Create the tiny random-weight pipeline; identical weights on every call (seeded per component)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -106,7 +107,7 @@ def build_builtin_model() -> SDModel:
     model = SDModel(unet, text_encoder, tokenizer, vae, dict(configs.SD_NOISE_SCHEDULE),
                     tokenizer_files=tokenizer_files)
     _to_eval(model)
-    model.source = {"kind": "builtin", "name": BUILTIN_NAME, "seed": BUILTIN_SEED,
+    model.source = {"kind": "builtin", "name": TINY_RANDOM_NAME, "seed": BUILTIN_SEED,
                     "sha256": weights_hash(model)}
     return model
 
@@ -198,11 +199,19 @@ def _noise_schedule_from(scheduler_config: dict) -> dict:
     return schedule
 
 
+def build_builtin_model() -> SDModel:
+    """The model ``--model builtin`` names (the tiny random pipeline until trained weights ship)."""
+    return build_tiny_random_model()
+
+
+BUILTIN_MODELS = {BUILTIN_NAME: build_builtin_model, TINY_RANDOM_NAME: build_tiny_random_model}
+
+
 def load_model(spec: str) -> SDModel:
-    """``builtin`` or a pipeline folder path."""
+    """A built-in model name (``builtin``, ``tiny-random``) or a pipeline folder path."""
     _set_offline()
-    if spec == BUILTIN_NAME:
-        return build_builtin_model()
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]()
     return load_model_folder(spec)
 
 
