@@ -1,0 +1,1 @@
+"""Model loading and the locally built files a model needs (configs, tokenizer)."""

@@ -1,0 +1,1 @@
+"""Numpy + onnxruntime runtime for cw-export bundles; imports only numpy, onnxruntime and the standard library."""
