@@ -24,7 +24,8 @@ from .adaptor import ADAPTOR_KINDS, build_adaptor, default_adaptor_config
 from .atomic import atomic_directory, check_output_path
 from .errors import InputError, ParityError
 from .export import ExportResult, export_graph
-from .models.pipeline import SDModel, load_model, write_tokenizer_files
+from .models.pipeline import SDModel, check_model_spec, load_model, write_tokenizer_files
+from .progress import progress_bar
 from .recipe import Recipe
 from .runtime import schedulers
 from .runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, list_files, manifest_bytes
@@ -146,8 +147,6 @@ def example_inputs(model: SDModel, split, latent_h: int, latent_w: int, table: d
 def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tuple[int, int], table: dict,
                adaptor_state: dict | None, progress: bool) -> tuple[dict[str, ExportResult], int]:
     """Export text_encoder, high_res_in, low_res, high_res_out (and the learned adaptor)."""
-    from tqdm import tqdm
-
     split = split_unet(model.unet)
     ex = example_inputs(model, split, *latent_hw_, table)
     ehs = ex["encoder_hidden_states"]
@@ -170,7 +169,7 @@ def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tup
         jobs["adaptor"] = (adaptor, {"r_in": r_in, "r_out_prev": r_out, "temb": temb,
                                      "pooled_text": ex["pooled_text"]}, ["r_out"])
     results = {}
-    bar = tqdm(jobs.items(), desc="export", unit="graph", disable=not progress)
+    bar = progress_bar(jobs.items(), enabled=progress, desc="export", unit="graph")
     for name, (module, inputs, outputs) in bar:
         bar.set_postfix_str(name)
         results[name] = export_graph(module, inputs, outputs, graphs_dir / f"{name}.onnx",
@@ -224,14 +223,17 @@ def build_manifest(model: SDModel, recipe: Recipe, results: dict[str, ExportResu
 
 def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
     """The main job. Returns the bundle path; on any failure nothing is left at ``options.out``."""
-    from tqdm import tqdm
-
     check_build_settings(recipe)
     out = Path(options.out).absolute()
     check_output_path(out, options.overwrite)
     if recipe.build.adaptor == "learned" and options.adaptor_checkpoint is None:
         raise InputError("--adaptor learned needs --adaptor-checkpoint (distillation is a separate stage)")
-    stages = tqdm(total=4, desc="build", unit="stage", disable=not options.progress)
+    check_model_spec(options.model)
+    with progress_bar(total=4, enabled=options.progress, desc="build", unit="stage") as stages:
+        return _build(recipe, options, out, stages)
+
+
+def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
     stages.set_postfix_str("load model")
     model = load_model(options.model)
     latent = latent_hw(model, recipe)
@@ -254,7 +256,6 @@ def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
         manifest["files"] = list_files(tmp)
         (tmp / MANIFEST_NAME).write_bytes(manifest_bytes(manifest))
         stages.update()
-    stages.close()
     return out
 
 

@@ -207,6 +207,12 @@ def build_builtin_model() -> SDModel:
 BUILTIN_MODELS = {BUILTIN_NAME: build_builtin_model, TINY_RANDOM_NAME: build_tiny_random_model}
 
 
+def check_model_spec(spec: str) -> None:
+    """Cheap up-front check of ``--model`` (name or folder layout) before any heavy work starts."""
+    if spec not in BUILTIN_MODELS:
+        _check_folder(Path(spec).resolve())
+
+
 def load_model(spec: str) -> SDModel:
     """A built-in model name (``builtin``, ``tiny-random``) or a pipeline folder path."""
     _set_offline()
