@@ -7,7 +7,9 @@ with ``onnx.checker`` and its torch-vs-onnxruntime parity measured on the exampl
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,6 +119,21 @@ def _drop_external_files(path: Path) -> None:
             entry.unlink()
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Redirect file descriptor 2 (C++ libraries write there directly) to /dev/null for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _simplify_in_place(path: Path) -> bool:
     """Run onnxsim; keep the result only if it still checks. Returns whether the file was replaced."""
     import onnx
@@ -124,7 +141,8 @@ def _simplify_in_place(path: Path) -> bool:
 
     model = onnx.load(str(path))
     try:
-        simplified, ok = onnxsim.simplify(model)
+        with _native_stderr_silenced():  # onnxsim prints per-op constant-folding notes from C++
+            simplified, ok = onnxsim.simplify(model)
     except Exception as exc:  # onnxsim is an optimisation: a failure keeps the plain export
         warnings.warn(f"onnxsim failed on {path.name}, keeping unsimplified graph: {exc}")
         return False

@@ -56,6 +56,15 @@ def _set_offline() -> None:
     # Nothing can be fetched here; make every hub call fail fast instead of hanging on the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Library progress bars and info logs would interleave with ours and with one-line errors on stderr.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -204,7 +213,40 @@ def build_builtin_model() -> SDModel:
     return build_tiny_random_model()
 
 
-BUILTIN_MODELS = {BUILTIN_NAME: build_builtin_model, TINY_RANDOM_NAME: build_tiny_random_model}
+def build_architecture_model(name: str, device: str = "cpu") -> SDModel:
+    """``sd15-arch`` / ``sd21-arch``: a published architecture (configs.ARCHITECTURES) with seeded random weights.
+
+    Each component is created once, directly in place (no second copy of the weights). ``device="meta"`` builds
+    shapes only (for FLOP counting; no memory, no hash). The text encoder's vocab_size is the project BPE tokenizer's
+    length, so token ids differ from real CLIP; architecture, parameter count (but the embedding table) and FLOPs match.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    arch = configs.ARCHITECTURES[name]
+    tokenizer, tokenizer_files = _build_tokenizer()
+    with torch.device(device):
+        torch.manual_seed(BUILTIN_SEED)
+        unet = UNet2DConditionModel(**arch["unet"])
+        torch.manual_seed(BUILTIN_SEED + 1)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **arch["text_encoder"])
+        text_encoder = CLIPTextModel(text_config)
+        torch.manual_seed(BUILTIN_SEED + 2)
+        vae = AutoencoderKL(**arch["vae"])
+    model = SDModel(unet, text_encoder, tokenizer, vae, dict(arch["noise_schedule"]), tokenizer_files=tokenizer_files)
+    _to_eval(model)
+    model.source = {"kind": "builtin", "name": name, "seed": BUILTIN_SEED,
+                    "sha256": weights_hash(model) if device != "meta" else None}
+    return model
+
+
+ARCHITECTURE_NAMES = tuple(configs.ARCHITECTURES)  # sd15-arch, sd21-arch
+
+BUILTIN_MODELS = {BUILTIN_NAME: build_builtin_model, TINY_RANDOM_NAME: build_tiny_random_model,
+                  **{name: (lambda n=name: build_architecture_model(n)) for name in ARCHITECTURE_NAMES}}
 
 
 def check_model_spec(spec: str) -> None:
