@@ -79,3 +79,71 @@ SD15_UNET: dict = {
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
 }
+
+# --- Published component configs for the architecture-only models `sd15-arch` / `sd21-arch` -------------------------
+# Weights are seeded random (nothing can be downloaded); what these reproduce is the architecture, the parameter count
+# and the FLOPs, so the whole toolchain (export, external data, runtime, FLOPs, benchmarks) runs at real size.
+# The text encoder's vocab_size is replaced by the project's BPE tokenizer length at build time (token ids differ from
+# real CLIP's 49408-entry vocabulary; only the token-embedding table shrinks, the transformer is unchanged).
+
+# runwayml/stable-diffusion-v1-5 text_encoder/config.json (CLIP ViT-L/14 text tower).
+SD15_TEXT_ENCODER: dict = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "layer_norm_eps": 1e-5,
+}
+CLIP_VOCAB_SIZE = 49408  # the published vocab size, for reference; the built model uses the project tokenizer's
+
+# runwayml/stable-diffusion-v1-5 vae/config.json (SD 2.1 ships the same VAE architecture and scaling factor).
+SD15_VAE: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+# stabilityai/stable-diffusion-2-1 unet/config.json: per-level head dims, 1024-d OpenCLIP context, linear projections,
+# attention upcast; native 768x768 (latent 96).
+SD21_UNET: dict = {
+    **SD15_UNET,
+    "sample_size": 96,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+    "upcast_attention": True,
+}
+
+# stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H/14 text tower, penultimate layer: 23 layers).
+SD21_TEXT_ENCODER: dict = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+    "layer_norm_eps": 1e-5,
+}
+
+# SD 2.1 (768) is a v-prediction model; same scaled-linear betas as SD 1.5.
+SD21_NOISE_SCHEDULE: dict = {**SD_NOISE_SCHEDULE, "prediction_type": "v_prediction"}
+
+# name -> components; read by models.pipeline (builders) and cw_export.flops (meta-device FLOP counts).
+ARCHITECTURES: dict = {
+    "sd15-arch": {"unet": SD15_UNET, "text_encoder": SD15_TEXT_ENCODER, "vae": SD15_VAE,
+                  "noise_schedule": SD_NOISE_SCHEDULE},
+    "sd21-arch": {"unet": SD21_UNET, "text_encoder": SD21_TEXT_ENCODER, "vae": SD15_VAE,
+                  "noise_schedule": SD21_NOISE_SCHEDULE},
+}
