@@ -8,8 +8,12 @@ process no longer exists) are removed by the next build into the same parent fol
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +21,27 @@ from typing import Iterator
 from .errors import InputError
 
 TEMP_MARKER = ".cwtmp-"
+OLD_TAG = "old-"  # ``.<name>.cwtmp-<pid>-old-<id>``: a replaced folder moved aside (fallback path of the swap)
+PAUSE_ENV = "CW_EXPORT_TEST_PAUSE_AT"
+
+
+def pause_point(stage: str) -> None:
+    """Test hook: with ``CW_EXPORT_TEST_PAUSE_AT=<stage>`` set, say so on stderr and sleep here (up to 10 minutes)
+    so a test can SIGKILL the process at a known stage (tests/reliability/test_interrupts.py). Stages: ``load``,
+    ``export``, ``manifest`` (build.py) and ``rename`` (between the two renames of ``atomic_directory``). Unset: no-op.
+    """
+    if os.environ.get(PAUSE_ENV) == stage:
+        print(f"cw-export: test pause at {stage} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+
+def final_path(path: str | os.PathLike) -> str:
+    """Where a path inside a temporary folder will live once renamed into place (for one-line error messages)."""
+    parts = list(Path(path).parts)
+    for i, part in enumerate(parts):
+        if part.startswith(".") and TEMP_MARKER in part:
+            parts[i] = part[1:].split(TEMP_MARKER, 1)[0]
+    return str(Path(*parts)) if parts else str(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -30,16 +55,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(parent: Path) -> list[Path]:
-    """Remove leftovers of killed builds (``.<name>.cwtmp-<pid>-<id>``) whose process is gone."""
+    """Remove leftovers of killed builds (``.<name>.cwtmp-<pid>-<id>``) whose process is gone.
+
+    A replaced folder that a killed process had moved aside (``-old-``) while its destination is missing is renamed
+    back instead: the old bundle survives a build killed between the two renames of the swap's fallback path.
+    """
     removed = []
-    for entry in parent.glob(f".*{TEMP_MARKER}*"):
+    for entry in sorted(Path(parent).glob(f".*{TEMP_MARKER}*")):
         try:
-            pid = int(entry.name.split(TEMP_MARKER, 1)[1].split("-", 1)[0])
+            rest = entry.name.split(TEMP_MARKER, 1)[1]
+            pid = int(rest.split("-", 1)[0])
         except (IndexError, ValueError):
             continue
-        if not _pid_alive(pid):
+        if _pid_alive(pid):
+            continue
+        destination = entry.parent / entry.name[1:].split(TEMP_MARKER, 1)[0]
+        if rest.split("-", 1)[-1].startswith(OLD_TAG) and entry.is_dir() and not os.path.lexists(destination):
+            os.replace(entry, destination)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
     return removed
 
 
@@ -68,6 +107,43 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` at the existing ``out``; at no instant is ``out`` missing or partial.
+
+    Preferred: one atomic exchange, then the old folder (now at ``tmp``) is deleted. Fallback: move ``out`` aside
+    (``-old-``), move ``tmp`` in; a process killed between the two renames has its old folder restored by the next
+    ``clean_stale_temps``, and a failed second rename puts it back at once.
+    """
+    if _exchange(tmp, out):
+        pause_point("rename")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = out.parent / f".{out.name}{TEMP_MARKER}{os.getpid()}-{OLD_TAG}{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    try:
+        pause_point("rename")
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it becomes ``out``, on any exception it is removed.
@@ -76,22 +152,23 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     survives a failed build.
     """
     out = Path(out).absolute()
+    clean_stale_temps(out.parent)  # first: it may restore an ``out`` that a killed swap had moved aside
     check_output_path(out, overwrite)
-    clean_stale_temps(out.parent)
     tmp = out.parent / f".{out.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
         if out.exists():
-            old = out.parent / f".{out.name}{TEMP_MARKER}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if not overwrite:  # appeared while we built (another process): never replace it unasked
+                raise InputError(f"output folder already exists (use --overwrite to replace it): {out}")
+            _replace_folder(tmp, out)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(out)  # e.g. a full disk under torch.onnx.export: name the folder being written
         raise
     fd = os.open(out.parent, os.O_RDONLY)
     try:
@@ -102,6 +179,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
 
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write one file via temp + rename (used for files that live outside bundles, e.g. latents)."""
+    clean_stale_temps(path.parent)
     tmp = path.parent / f".{path.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as handle:
@@ -109,7 +187,9 @@ def write_file_atomic(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)
         raise

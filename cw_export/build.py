@@ -5,7 +5,9 @@ Steps:
   2. split the UNet at the Stage-1 cut and build the adaptor
   3. make example inputs from a real prompt and the first denoising step
   4. export every graph to ONNX and measure torch-vs-onnxruntime parity
-  5. write tokenizer files and manifest.json; list every file with sha256 and size
+  5. quantized targets only (cw_export.quantize.stages): calibrate on FP32 trajectories -> quantize each UNet-side
+     graph (a8 sensitivity sweep where the recipe asks) -> parity in onnxruntime on held-out prompts, gated
+  6. write tokenizer files and manifest.json; list every file with sha256 and size
 The whole bundle is built in a temporary folder and renamed into place only when every step succeeded.
 """
 
@@ -21,15 +23,19 @@ import torch
 
 from . import __version__
 from .adaptor import ADAPTOR_KINDS, build_adaptor, default_adaptor_config
-from .atomic import atomic_directory, check_output_path
+from .atomic import atomic_directory, check_output_path, clean_stale_temps, pause_point
 from .errors import InputError, ParityError
 from .export import ExportResult, export_graph
+from .graphs import TextEncoderGraph, VaeDecoderGraph
 from .models.pipeline import SDModel, check_model_spec, load_model, write_tokenizer_files
 from .progress import progress_bar
 from .recipe import Recipe
+from .report import write_report
+from .resources_check import check_build_memory
 from .runtime import schedulers
 from .runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, list_files, manifest_bytes
 from .runtime.schedule import check_steps_and_clock, step_kinds
+from .runtime.sessions import session_config
 from .split import split_unet
 
 BATCH = 2  # classifier-free guidance: [uncond, cond]
@@ -45,6 +51,7 @@ class BuildOptions:
     overwrite: bool = False
     adaptor_checkpoint: Path | None = None
     progress: bool = True
+    allow_low_parity: bool = False  # write a quantized bundle even if it misses the recipe's parity thresholds
 
 
 def check_build_settings(recipe: Recipe) -> None:
@@ -76,18 +83,6 @@ def latent_hw(model: SDModel, recipe: Recipe) -> tuple[int, int]:
     return height // factor, width // factor
 
 
-class TextEncoderGraph(torch.nn.Module):
-    """input_ids -> (encoder_hidden_states, pooled_text): the two text tensors the UNet and the adaptor need."""
-
-    def __init__(self, text_encoder) -> None:
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
-
-
 def make_wiring(num_skips: int, adaptor: str) -> dict:
     """Which slot each graph input reads and each output writes, per step kind (the manifest's contract)."""
     skips = {f"skip_{i}": f"skip_{i}" for i in range(num_skips)}
@@ -117,7 +112,20 @@ def make_wiring(num_skips: int, adaptor: str) -> dict:
         "cache": {"r_out_prev": "r_out"},
         "step_output": "noise_pred",
         "guidance": "noise = noise_pred[0] + guidance_scale * (noise_pred[1] - noise_pred[0]); batch = [uncond, cond]",
+        "text": {"graph": "text_encoder", "input": "input_ids", "batch": ["negative_prompt", "prompt"]},
+        "decode": {"graph": "vae_decoder", "input": "latents", "output": "image",
+                   "note": "latents are the sampler's final x (before 1/scaling_factor, which is inside the graph); "
+                           "image is RGB in [0, 1]"},
     }
+
+
+def prune_wiring(wiring: dict, results: dict[str, ExportResult]) -> dict:
+    """Drop wiring inputs a graph does not take (the exporter removes unused inputs)."""
+    for name, spec in wiring["graphs"].items():
+        if name in results:
+            taken = {t.name for t in results[name].inputs}
+            spec["inputs"] = {k: v for k, v in spec["inputs"].items() if k in taken}
+    return wiring
 
 
 def library_versions() -> dict:
@@ -162,6 +170,8 @@ def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tup
         "low_res": (split.low_res, {"r_in": r_in, "temb": temb, "encoder_hidden_states": ehs}, ["r_out"]),
         "high_res_out": (split.high_res_out, {"r_out": r_out, "temb": temb, "encoder_hidden_states": ehs,
                                               **skip_inputs}, ["noise_pred"]),
+        "vae_decoder": (VaeDecoderGraph(model.vae), {"latents": ex["sample"][:1] / table["init_noise_sigma"]},
+                        ["image"]),
     }
     if recipe.build.adaptor == "learned":
         config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
@@ -174,6 +184,7 @@ def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tup
         bar.set_postfix_str(name)
         results[name] = export_graph(module, inputs, outputs, graphs_dir / f"{name}.onnx",
                                      opset=recipe.export.opset, simplify=recipe.export.simplify)
+        pause_point("export")
     return results, split.num_skips
 
 
@@ -204,7 +215,7 @@ def build_manifest(model: SDModel, recipe: Recipe, results: dict[str, ExportResu
         "recipe_sha256": recipe.source_sha256,
         "source_model": model.source,
         "graphs": graphs,
-        "wiring": make_wiring(num_skips, b.adaptor),
+        "wiring": prune_wiring(make_wiring(num_skips, b.adaptor), results),
         "adaptor": {"kind": b.adaptor},
         "schedule": {"steps": b.steps, "clock": b.clock, "step_kinds": step_kinds(b.steps, b.clock),
                      "rule": "step 1 (index 0) is full; step index i is full when i % clock == 0, else clocked"},
@@ -218,6 +229,9 @@ def build_manifest(model: SDModel, recipe: Recipe, results: dict[str, ExportResu
                    "vae_scale_factor": model.vae_scale_factor,
                    "image_size": [latent[0] * model.vae_scale_factor, latent[1] * model.vae_scale_factor]},
         "tokenizer": {"folder": "tokenizer", "model_max_length": int(model.tokenizer.model_max_length)},
+        # onnxruntime settings parity is measured under; the runtime creates its sessions with exactly these
+        "session_options": session_config(recipe.quantization.ort_optimization,
+                                          recipe.quantization.ort_disabled_optimizers),
     }
 
 
@@ -225,22 +239,33 @@ def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
     """The main job. Returns the bundle path; on any failure nothing is left at ``options.out``."""
     check_build_settings(recipe)
     out = Path(options.out).absolute()
+    clean_stale_temps(out.parent)  # leftovers of killed builds go first, even if this build fails early
     check_output_path(out, options.overwrite)
-    if recipe.build.adaptor == "learned" and options.adaptor_checkpoint is None:
-        raise InputError("--adaptor learned needs --adaptor-checkpoint (distillation is a separate stage)")
+    if options.adaptor_checkpoint is not None:
+        check_adaptor_checkpoint(recipe, options.adaptor_checkpoint)  # before any heavy work
     check_model_spec(options.model)
-    with progress_bar(total=4, enabled=options.progress, desc="build", unit="stage") as stages:
+    if recipe.quantized:
+        from .quantize import check_settings
+        from .quantize.stages import check_prompt_sources
+
+        check_settings(recipe.quantization)
+        check_prompt_sources(recipe)
+    with progress_bar(total=4 + 3 * recipe.quantized, enabled=options.progress, desc="build", unit="stage") as stages:
         return _build(recipe, options, out, stages)
 
 
 def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
     stages.set_postfix_str("load model")
+    pause_point("load")
     model = load_model(options.model)
     latent = latent_hw(model, recipe)
+    check_build_memory(model, latent)
     table = schedulers.build_step_table(recipe.build.sampler, model.scheduler_config, recipe.build.steps)
-    adaptor_state = None
-    if options.adaptor_checkpoint is not None:
-        adaptor_state = load_adaptor_checkpoint(options.adaptor_checkpoint)
+    adaptor_checkpoint = None
+    if recipe.build.adaptor == "learned":
+        stages.set_postfix_str("learned adaptor")
+        adaptor_checkpoint = load_learned_adaptor(model, recipe, options, latent)
+    adaptor_state = None if adaptor_checkpoint is None else adaptor_checkpoint.state_dict
     stages.update()
     with atomic_directory(out, overwrite=options.overwrite) as tmp:
         stages.set_postfix_str("export graphs")
@@ -253,23 +278,70 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
         stages.update()
         stages.set_postfix_str("manifest")
         manifest = build_manifest(model, recipe, results, num_skips, latent, table, tmp)
+        if adaptor_checkpoint is not None:
+            manifest["adaptor"].update(adaptor_checkpoint.provenance())
+        if recipe.quantized:
+            quantize_bundle(model, recipe, manifest, tmp, adaptor_state, options, stages)
+        write_report(tmp, manifest)  # report.html is a bundle file: written before the file list (cw_export.report)
         manifest["files"] = list_files(tmp)
         (tmp / MANIFEST_NAME).write_bytes(manifest_bytes(manifest))
+        pause_point("manifest")
         stages.update()
     return out
 
 
-def load_adaptor_checkpoint(path: Path) -> dict:
-    """Adaptor weights from a safetensors file written by ``cw-export distill``."""
-    from safetensors.torch import load_file
+def quantize_bundle(model: SDModel, recipe: Recipe, manifest: dict, bundle: Path, adaptor_state: dict | None,
+                    options: BuildOptions, stages) -> None:
+    """Calibrate -> quantize -> parity gate (one function per stage, in cw_export.quantize.stages)."""
+    from .quantize import stages as q
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"adaptor checkpoint not found: {path}")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # boundary: corrupt user file
-        raise InputError(f"cannot read adaptor checkpoint {path}: {exc}") from None
+    stages.set_postfix_str("calibrate")
+    graphs = q.torch_graphs(model, manifest, adaptor_state)
+    adaptor_sha = None if adaptor_state is None else _state_hash(adaptor_state)
+    calibration = q.calibrate_stage(model, recipe, manifest, graphs, adaptor_sha, options.progress)
+    stages.update()
+    stages.set_postfix_str("quantize")
+    placed = q.quantize_stage(recipe, manifest, graphs, calibration, bundle, options.progress)
+    stages.update()
+    stages.set_postfix_str("parity")
+    q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity)
+    stages.update()
+
+
+def _state_hash(state: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode() + tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_adaptor_checkpoint(recipe: Recipe, path: Path) -> None:
+    """--adaptor-checkpoint goes with --adaptor learned and must be distilled for this sampler, steps and clock."""
+    from .distill.checkpoint import check_schedule, read_checkpoint
+
+    b = recipe.build
+    if b.adaptor != "learned":
+        raise InputError(f"--adaptor-checkpoint needs --adaptor learned (this build's adaptor is '{b.adaptor}')")
+    check_schedule(read_checkpoint(path), b.sampler, b.steps, b.clock)
+
+
+def load_learned_adaptor(model: SDModel, recipe: Recipe, options: BuildOptions, latent: tuple[int, int]):
+    """The --adaptor-checkpoint, checked against the model; without one, distilled now with the recipe's settings
+    (cw_export.distill; cached, so the next build with the same settings reuses it)."""
+    from .distill.checkpoint import check_model, check_schedule, read_checkpoint
+    from .distill.train import distill_for_build
+
+    if options.adaptor_checkpoint is None:
+        checkpoint = distill_for_build(model, recipe, latent, progress=options.progress)
+    else:
+        checkpoint = read_checkpoint(options.adaptor_checkpoint)
+    b = recipe.build
+    check_schedule(checkpoint, b.sampler, b.steps, b.clock)
+    check_model(checkpoint, model.source["sha256"],
+                default_adaptor_config(model.unet, model.text_encoder.config.hidden_size))
+    return checkpoint
 
 
 __all__ = ["BuildOptions", "build_bundle", "make_wiring", "np"]

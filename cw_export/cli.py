@@ -7,13 +7,15 @@ argparse's own errors are routed the same way instead of its multi-line usage du
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
 import sys
 from pathlib import Path
 
 from .errors import CwExportError, InputError
 
-SUBCOMMANDS = ("build", "run", "validate", "model")
+SUBCOMMANDS = ("build", "run", "validate", "model", "inspect", "report", "distill")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,22 +79,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=_nonnegative_int("--height"), help="image height in pixels")
     parser.add_argument("--width", type=_nonnegative_int("--width"), help="image width in pixels")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    quant = parser.add_argument_group("quantized targets (snapdragon-*)")
+    quant.add_argument("--calibration", type=Path, metavar="FILE",
+                       help="calibration prompt file: one prompt a line, blank lines and # comments ignored")
+    quant.add_argument("--calibration-prompts", type=_positive_int("--calibration-prompts"), metavar="N",
+                       help="number of calibration prompts (default: recipe)")
+    quant.add_argument("--parity-prompts", type=_positive_int("--parity-prompts"), metavar="N",
+                       help="number of held-out prompts parity is measured on (default: recipe)")
+    quant.add_argument("--quant-backend", choices=["aimet", "ort"], help="quantization backend (default: recipe)")
+    quant.add_argument("--allow-low-parity", action="store_true",
+                       help="write the bundle even if it misses the recipe's parity thresholds (recorded)")
     return parser
+
+
+def _apply_quantization_flags(recipe, args):
+    """CLI overrides of the recipe's [quantization] / [parity] sections; only meaningful for quantized targets."""
+    given = [flag for flag, value in (("--calibration", args.calibration),
+                                      ("--calibration-prompts", args.calibration_prompts),
+                                      ("--parity-prompts", args.parity_prompts),
+                                      ("--quant-backend", args.quant_backend)) if value is not None]
+    if args.allow_low_parity:
+        given.append("--allow-low-parity")
+    if given and not recipe.quantized:
+        raise InputError(f"{', '.join(given)} only apply to quantized targets; target '{recipe.name}' is FP32")
+    calibration = None
+    if args.calibration is not None:
+        from .prompts import read_prompt_file
+
+        read_prompt_file(args.calibration)  # a bad file fails here, before any heavy work
+        calibration = str(args.calibration.absolute())
+    return recipe.with_quantization(
+        backend=args.quant_backend, calibration_set=calibration, calibration_prompts=args.calibration_prompts,
+    ).with_parity(heldout_prompts=args.parity_prompts)
 
 
 def run_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cw-export run", description="Run a bundle with numpy + onnxruntime only.")
     parser.add_argument("bundle", type=Path)
-    text = parser.add_mutually_exclusive_group(required=True)
+    text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="text prompt (tokenized and encoded by the bundle's text encoder)")
     text.add_argument("--text-embeds", type=Path, help=".npz with 'cond' and 'uncond' [1, seq, dim] "
                       "(and optionally 'cond_pooled'/'uncond_pooled' [1, dim] for a learned adaptor)")
-    noise = parser.add_mutually_exclusive_group(required=True)
+    text.add_argument("--grid", type=Path, help="prompt file: write a comparison grid (rows: prompts; columns: "
+                      "full FP32, clockwork FP32, this bundle on each provider) to --image-out")
+    noise = parser.add_mutually_exclusive_group()
     noise.add_argument("--seed", type=int, help="seed for the initial unit Gaussian noise (numpy PCG64)")
     noise.add_argument("--init-latents", type=Path, help=".npy unit Gaussian noise [1, C, h, w]")
     _add_schedule_flags(parser)
-    parser.add_argument("--latents-out", type=Path, required=True, help=".npy for the final latents (before VAE scaling)")
-    parser.add_argument("--provider", default="cpu", help="execution provider: cpu")
+    parser.add_argument("--latents-out", type=Path, help=".npy for the final latents (before VAE scaling)")
+    parser.add_argument("--image-out", type=Path, help=".png of the decoded image (bundle's VAE decoder)")
+    parser.add_argument("--provider", default="cpu", help="execution provider: cpu or qnn-htp (quantized graphs on "
+                        "the QNN HTP, CPU fallback disabled; FP32 graphs on the CPU; docs/qnn_htp.md)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 integrity check")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -102,6 +139,9 @@ def validate_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cw-export validate", description="Check a bundle's integrity and parity.")
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--no-parity", action="store_true", help="integrity only, even if the source model is reachable")
+    parser.add_argument("--provider", default="cpu", help="execution provider the quantized graphs' parity is measured "
+                        "on: cpu (re-measures the manifest's numbers) or qnn-htp (per-graph SQNR vs FP32 torch on "
+                        "the HTP, gated on the recorded thresholds; docs/qnn_htp.md)")
     return parser
 
 
@@ -114,23 +154,28 @@ def model_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)  # before importing torch: a mistyped flag fails in a fraction of a second
+
     from .build import BuildOptions, build_bundle
     from .recipe import load_recipe
 
-    args = build_parser().parse_args(argv)
     recipe = load_recipe(args.target).with_build(
         steps=args.steps, clock=args.clock, guidance_scale=args.guidance, adaptor=args.adaptor,
         height=args.height, width=args.width)
+    recipe = _apply_quantization_flags(recipe, args)
     out = build_bundle(recipe, BuildOptions(model=args.model, out=args.out, overwrite=args.overwrite,
-                                            adaptor_checkpoint=args.adaptor_checkpoint, progress=not args.quiet))
+                                            adaptor_checkpoint=args.adaptor_checkpoint, progress=not args.quiet,
+                                            allow_low_parity=args.allow_low_parity))
     print(f"bundle written: {out}")
     return 0
 
 
 def cmd_run(argv: list[str]) -> int:
-    from .runtime.cli_run import run_command
+    from .runtime.cli_run import run_command, unverified_bundle_errors
 
-    return run_command(run_parser().parse_args(argv))
+    args = run_parser().parse_args(argv)
+    with unverified_bundle_errors(args.bundle, args.no_verify):
+        return run_command(args)
 
 
 def cmd_validate(argv: list[str]) -> int:
@@ -152,7 +197,106 @@ def cmd_model(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "run": cmd_run, "validate": cmd_validate, "model": cmd_model}
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export inspect", description="Parameters and FLOPs per graph and per clock schedule "
+                     "(batch 1; x2 with classifier-free guidance).")
+    parser.add_argument("bundle", type=Path, nargs="?", help="bundle to count from its ONNX graphs")
+    parser.add_argument("--model", help="count a model instead: builtin, tiny-random, sd15-arch, sd21-arch or a folder")
+    parser.add_argument("--steps", type=_positive_int("--steps"), help="denoising steps (default: bundle/recipe)")
+    parser.add_argument("--clock", type=_positive_int("--clock"), help="full UNet every N steps (default: bundle/recipe)")
+    parser.add_argument("--adaptor", choices=["identity", "learned"], default="identity", help="with --model")
+    parser.add_argument("--height", type=_nonnegative_int("--height"), default=0, help="with --model: image height")
+    parser.add_argument("--width", type=_nonnegative_int("--width"), default=0, help="with --model: image width")
+    parser.add_argument("--json", type=Path, help="also write the numbers as JSON to this file")
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export report", description="Regenerate a bundle's report.html.")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--out", type=Path, help="write the report here instead of into the bundle")
+    return parser
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    from .flops import inspect_command
+
+    return inspect_command(inspect_parser().parse_args(argv))
+
+
+def cmd_report(argv: list[str]) -> int:
+    from .report import report_command
+
+    return report_command(report_parser().parse_args(argv))
+
+
+def distill_parser() -> argparse.ArgumentParser:
+    from .distill import DEFAULT_EPOCHS
+    from .recipe import DEFAULT_TARGET
+
+    parser = _Parser(prog="cw-export distill", description="Train the learned adaptor by model-step distillation "
+                     "on the teacher UNet's unrolled trajectories (prompts only). Data-parallel under "
+                     "'accelerate launch' / 'torchrun' with the same command.")
+    parser.add_argument("--model", default="builtin", help="'builtin', 'tiny-random' or a diffusers pipeline folder")
+    parser.add_argument("--target", default=DEFAULT_TARGET,
+                        help="recipe whose sampler/steps/clock/guidance the adaptor is distilled for")
+    parser.add_argument("--prompts", default="default", help="prompt file or builtin set name (default: default)")
+    parser.add_argument("--num-prompts", type=_nonnegative_int("--num-prompts"), default=0,
+                        help="use the first N prompts (default 0: all)")
+    _add_schedule_flags(parser)
+    parser.add_argument("--epochs", type=_positive_int("--epochs"), default=DEFAULT_EPOCHS, help="training epochs")
+    parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=16,
+                        help="global batch in (uncond, cond) pairs, split over data-parallel processes")
+    parser.add_argument("--lr", type=_finite_float("--lr"), default=1e-4, help="Adam learning rate")
+    parser.add_argument("--seed", type=_nonnegative_int("--seed"), default=0,
+                        help="adaptor init, batch order and teacher noise (prompt k: seed + k)")
+    parser.add_argument("--out", type=Path, default=Path("adaptor.safetensors"), help="checkpoint (.safetensors)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT's resume state (.resume.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def cmd_distill(argv: list[str]) -> int:
+    args = distill_parser().parse_args(argv)
+
+    from .distill.train import DistillOptions, distill
+    from .recipe import load_recipe
+
+    build = load_recipe(args.target).with_build(steps=args.steps, clock=args.clock,
+                                                guidance_scale=args.guidance).build
+    result = distill(DistillOptions(
+        model=args.model, prompts=args.prompts, num_prompts=args.num_prompts, steps=build.steps, clock=build.clock,
+        guidance_scale=build.guidance_scale, sampler=build.sampler, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.quiet))
+    if result.main_process:
+        history = result.log["history"]
+        loss = f", loss {history[-1]['loss']:.4g}" if history else ""
+        print(f"adaptor checkpoint written: {result.checkpoint} (epoch {result.log['epochs_done']}{loss})")
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "run": cmd_run, "validate": cmd_validate, "model": cmd_model,
+            "inspect": cmd_inspect, "report": cmd_report,
+            "distill": cmd_distill}
+
+
+# The user's machine rather than our code failed: disk full, quota, read-only or permission-denied paths, I/O errors.
+# Such an OSError is reported as one line like a CwExportError; any other OSError is a bug and keeps its traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+ENVIRONMENT_ERRNOS = WRITE_ERRNOS | {errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def environment_error_message(exc: OSError) -> str | None:
+    """'no space left on device writing /out/bundle/graphs/low_res.onnx' for an environment OSError, else None."""
+    from .atomic import final_path
+
+    if exc.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    reason = (exc.strerror or os.strerror(exc.errno)).lower()
+    path = final_path(exc.filename) if exc.filename is not None else "(path unknown)"
+    return f"{reason} writing {path}" if exc.errno in WRITE_ERRNOS else f"{reason}: {path}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
     try:
         return COMMANDS[command](argv)
-    except CwExportError as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
+    except (CwExportError, OSError) as exc:
+        message = str(exc) if isinstance(exc, CwExportError) else environment_error_message(exc)
+        if message is None:
+            raise
+        message = " ".join(message.split()) or type(exc).__name__
         print(f"cw-export: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

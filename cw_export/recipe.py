@@ -18,7 +18,7 @@ from .resources import data_dir
 
 RECIPE_SCHEMA_VERSION = 1
 RECIPES_DIR = data_dir("recipes")
-DEFAULT_TARGET = "cpu-fp32"
+DEFAULT_TARGET = "snapdragon-int8"  # the main job: an INT8 bundle for the Snapdragon NPU, parity-gated
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,29 @@ class ExportSection:
 
 @dataclass(frozen=True)
 class QuantizationSection:
-    backend: str = "none"  # none (FP32), aimet or ort
-    weight_bits: int = 8
-    activation_bits: dict = field(default_factory=dict)  # graph name -> 8 or 16
+    backend: str = "none"  # none (FP32), aimet or ort (cw_export.quantize registry); both use the same calibration
+    weight_bits: int = 8  # per-channel symmetric INT8 weights: what the Hexagon NPU runs natively (only 8 is supported)
+    activation_bits: dict = field(default_factory=dict)  # graph name -> 8 or 16; a graph not named gets 16 (safe)
+    a8_candidates: list = field(default_factory=list)  # graphs tried at 8-bit activations (per-graph sensitivity sweep)
+    a8_min_sqnr_db: float = 0.0  # a candidate keeps 8-bit activations only if its SQNR on calibration data is >= this
+    calibration_set: str = "default"  # builtin prompt set name or a prompt file (--calibration FILE overrides it)
+    calibration_prompts: int = 16  # prompts taken from the set: budget of FP32 trajectories (--calibration-prompts)
+    calibration_samples: int = 64  # cap of stored input samples per graph, stratified across the steps it runs at
+    calibration_seed: int = 0  # prompt k starts from unit noise seeded with calibration_seed + k (recorded)
+    ort_optimization: str = "all"  # onnxruntime level (disable_all/basic/extended/all) for parity and the runtime
+    ort_disabled_optimizers: list = field(default_factory=list)  # onnxruntime optimizers switched off (PLATFORM.md)
 
 
 @dataclass(frozen=True)
 class ParitySection:
     graph_max_rel_diff: float = 1e-4  # ORT vs torch per FP32 graph, relative to max|reference|
-    graph_min_sqnr_db: float = 0.0  # per quantized graph; 0 disables
+    graph_min_sqnr_db: float = 0.0  # per quantized graph (quantized ORT vs FP32 torch, same inputs); 0 disables
+    step_min_psnr_db: float = 0.0  # latent PSNR at every step, quantized vs FP32 clocked trajectory; 0 disables
     final_latent_min_psnr_db: float = 0.0  # quantized clocked bundle vs FP32 clocked torch; 0 disables
+    guidance_ratio_tolerance: float = 0.0  # max |std(cond-uncond) quantized / FP32 - 1| at any step; 0 disables
+    heldout_set: str = "heldout"  # prompts parity is measured on: never the calibration prompts
+    heldout_prompts: int = 4  # how many held-out prompts (each one FP32 + one quantized trajectory)
+    seed: int = 1000  # held-out prompt k starts from unit noise seeded with seed + k (recorded)
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,21 @@ class Recipe:
         """A copy with CLI overrides applied (None values mean 'keep the recipe's value')."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, build=dataclasses.replace(self.build, **changes))
+
+    def with_quantization(self, **overrides) -> "Recipe":
+        """A copy with quantization overrides from the CLI (None values mean 'keep the recipe's value')."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, quantization=dataclasses.replace(self.quantization, **changes))
+
+    def with_parity(self, **overrides) -> "Recipe":
+        """A copy with parity overrides from the CLI (None values mean 'keep the recipe's value')."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, parity=dataclasses.replace(self.parity, **changes))
+
+    @property
+    def quantized(self) -> bool:
+        """Whether this target quantizes graphs (and so runs the calibrate -> quantize -> parity stages)."""
+        return self.quantization.backend != "none"
 
 
 SECTIONS = {"build": BuildSection, "export": ExportSection, "quantization": QuantizationSection,

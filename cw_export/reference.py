@@ -79,6 +79,61 @@ def torch_trajectory(
     return trajectory
 
 
+def torch_split_trajectory(
+    model,
+    encoder_hidden_states: torch.Tensor,
+    pooled_text: torch.Tensor | None,
+    init_latents: torch.Tensor,
+    steps: int,
+    clock: int = 1,
+    guidance_scale: float = 7.5,
+    sampler: str = "dpmpp_2m",
+    adaptor: torch.nn.Module | None = None,
+    on_step=None,
+    split=None,
+) -> TorchTrajectory:
+    """Sample through the Clockwork split the way the bundle runtime does, with diffusers' scheduler.
+
+    Full steps run high_res_in -> low_res -> high_res_out; clocked steps replace low_res by
+    ``adaptor(r_in, r_out_prev, temb, pooled_text)`` (a learned adaptor), or by r_out_prev when ``adaptor`` is None
+    (identity). r_out_prev is the previous step's r_out, whichever produced it (the runtime's ``cache`` slot).
+    ``on_step(i, kind, tensors)`` sees r_in, temb, r_out_prev (None at step 0) and r_out of each step, batch
+    [uncond, cond]: with clock 1 these are the teacher's features that model-step distillation trains on.
+    Runs on the device of ``init_latents`` (the split must live there too).
+    """
+    if split is None:
+        from .split import split_unet
+
+        split = split_unet(model.unet)
+    scheduler = make_scheduler(model, sampler)
+    scheduler.set_timesteps(steps)
+    kinds = step_kinds(steps, clock)
+    latents = init_latents.float() * scheduler.init_noise_sigma
+    trajectory = TorchTrajectory(latents=np.empty(0), timesteps=[int(t) for t in scheduler.timesteps])
+    r_out_prev = None
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            timestep = torch.full((model_input.shape[0],), float(t), device=model_input.device)  # as the runtime feeds it
+            temb, r_in, *skips = split.high_res_in(model_input, timestep, encoder_hidden_states)
+            if kinds[i] != CLOCKED:
+                r_out = split.low_res(r_in, temb, encoder_hidden_states)
+            elif adaptor is None:
+                r_out = r_out_prev
+            else:
+                r_out = adaptor(r_in, r_out_prev, temb, pooled_text)
+            if on_step is not None:
+                on_step(i, kinds[i], {"r_in": r_in, "temb": temb, "r_out_prev": r_out_prev, "r_out": r_out})
+            noise = split.high_res_out(r_out, temb, encoder_hidden_states, *skips)
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise, t, latents).prev_sample
+            trajectory.step_latents.append(latents.cpu().numpy().copy())
+            r_out_prev = r_out
+    trajectory.latents = latents.cpu().numpy()
+    return trajectory
+
+
 def text_embeddings(model, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(encoder_hidden_states, pooled) for [uncond, cond], as diffusers' pipeline encodes them."""
     ids = model.tokenize([negative_prompt, prompt])

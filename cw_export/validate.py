@@ -53,7 +53,61 @@ def integrity_checks(bundle: Path, manifest: dict) -> list[Check]:
         same = inputs == graph["inputs"] and outputs == graph["outputs"]
         checks.append(Check(f"{name} onnx + I/O", same, "checker ok, I/O equals manifest" if same
                             else f"ONNX I/O {inputs} != manifest {graph['inputs']}"))
+    checks += encodings_checks(bundle, manifest)
     checks.append(wiring_check(manifest))
+    return checks
+
+
+def _encoding_entries(encodings: object) -> list[dict]:
+    """AIMET encodings as a list of {name, bw, ...}: format 1.0.0 is a list, older formats map name -> [encoding]."""
+    if isinstance(encodings, list):
+        return encodings
+    return [{"name": name, **(entries[0] if isinstance(entries, list) and entries else {})}
+            for name, entries in dict(encodings).items()]
+
+
+def encodings_checks(bundle: Path, manifest: dict) -> list[Check]:
+    """Each quantized graph's encodings file (AIMET JSON, for QNN converters) matches its graphs: every encoding
+    names a tensor of the graph it was computed on, that graph has the deployed graph's I/O, and the bit widths are
+    the ones the manifest records (weights; activations, or the 16-bit timestep path)."""
+    import json
+
+    import onnx
+
+    checks = []
+    for name, graph in sorted(manifest["graphs"].items()):
+        quant = graph.get("quantization") or {}
+        if not quant.get("encodings"):
+            continue
+        details = quant.get("details") or {}
+        try:
+            data = json.loads((bundle / quant["encodings"]).read_text(encoding="utf-8"))
+            activations = _encoding_entries(data["activation_encodings"])
+            params = _encoding_entries(data["param_encodings"])
+            model = onnx.load(str(bundle / details["encodings_graph"]), load_external_data=False)
+        except Exception as exc:  # boundary: an unreadable encodings file or graph is a finding, not a crash
+            checks.append(Check(f"{name} encodings", False, " ".join(f"{type(exc).__name__}: {exc}".split())[:200]))
+            continue
+        tensors = ({t.name for t in model.graph.initializer} | {t.name for t in model.graph.input}
+                   | {out for node in model.graph.node for out in node.output})
+        problems = []
+        unknown = sorted({e.get("name") for e in activations + params} - tensors, key=str)
+        if unknown:
+            problems.append(f"{len(unknown)} encoding(s) name tensors the graph lacks, e.g. {unknown[0]!r}")
+        io_names = ([t.name for t in model.graph.input if t.name not in {i.name for i in model.graph.initializer}],
+                    [t.name for t in model.graph.output])
+        expected_io = ([s["name"] for s in graph["inputs"]], [s["name"] for s in graph["outputs"]])
+        if io_names != expected_io:
+            problems.append(f"encodings graph I/O {io_names} != graph I/O {expected_io}")
+        act_bits = {quant.get("activation_bits"), details.get("timestep_bits")} - {None}
+        wrong_acts = sorted({e.get("bw") for e in activations} - act_bits, key=str)
+        wrong_params = sorted({e.get("bw") for e in params} - {quant.get("weight_bits")}, key=str)
+        if wrong_acts:
+            problems.append(f"activation bit width(s) {wrong_acts} not in the manifest's {sorted(act_bits)}")
+        if wrong_params:
+            problems.append(f"weight bit width(s) {wrong_params} != the manifest's {quant.get('weight_bits')}")
+        checks.append(Check(f"{name} encodings", not problems, "; ".join(problems) if problems else
+                            f"{len(activations)} activation + {len(params)} param encodings match the graph"))
     return checks
 
 
@@ -82,8 +136,9 @@ def wiring_check(manifest: dict) -> Check:
     return Check("wiring", not errors, "; ".join(errors) if errors else "all slots produced before use")
 
 
-def parity_checks(bundle: Path, manifest: dict) -> list[Check]:
-    """Re-measure FP32 trajectory parity against the source model (runtime vs torch reference, same noise)."""
+def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu") -> list[Check]:
+    """Re-measure FP32 trajectory parity against the source model (runtime vs torch reference, same noise); on
+    ``provider`` other than cpu, a quantized bundle's parity is measured on that provider (nothing is recorded)."""
     import torch
 
     from .models.pipeline import load_model
@@ -97,7 +152,9 @@ def parity_checks(bundle: Path, manifest: dict) -> list[Check]:
     model = load_model(spec)
     if model.source.get("sha256") != source.get("sha256"):
         return [Check("source model hash", False, "source model changed since the bundle was built")]
-    runner = BundleRunner(bundle, verify=False)
+    if "parity" in manifest:  # quantized bundle: re-measure its recorded numbers, re-check its gate
+        return quantized_parity_checks(bundle, manifest, model, provider)
+    runner = BundleRunner(bundle, provider=provider, verify=False)
     hidden, pooled = text_embeddings(model, "a red triangle on the left")
     noise = np.random.default_rng(0).standard_normal(runner.latent_shape(), dtype=np.float32)
     schedule = manifest["schedule"]
@@ -112,6 +169,58 @@ def parity_checks(bundle: Path, manifest: dict) -> list[Check]:
     return checks
 
 
+def quantized_parity_checks(bundle: Path, manifest: dict, model, provider: str = "cpu") -> list[Check]:
+    """Re-measure a quantized bundle's parity (same held-out prompts, seeds and session options as recorded) and
+    check that the numbers equal the manifest's and still meet the recorded thresholds.
+
+    On another ``provider`` (qnn-htp) the same numbers are measured there: they are not expected to equal the
+    manifest's (measured on the CPU EP), so only the recorded thresholds gate; each graph's SQNR is printed."""
+    from types import SimpleNamespace
+
+    from .parity import compare, failures, measure
+    from .quantize.stages import text_encoder_fn, torch_graphs
+    from .runtime.sessions import create_session, manifest_session_config
+
+    recorded = manifest["parity"]
+    if manifest["adaptor"]["kind"] == "learned":
+        return [Check("quantized parity", True, "skipped: the learned adaptor's FP32 weights are not in the bundle")]
+    config = manifest_session_config(manifest)
+    if config != recorded["session_options"]:
+        return [Check("session options", False, f"manifest session_options {config} != parity's "
+                      f"{recorded['session_options']}")]
+    graphs = torch_graphs(model, manifest)
+    sessions = {name: create_session(bundle / manifest["graphs"][name]["file"], provider, config=config,
+                                     precision=manifest["graphs"][name].get("precision"))
+                for name in recorded["graphs"]}
+    numbers = measure(manifest, graphs, sessions, text_encoder_fn(model), recorded["prompts"],
+                      recorded["seeds"][0])
+    if provider != "cpu":
+        minimum = recorded["thresholds"].get("graph_min_sqnr_db", 0)
+        checks = [Check(f"{name} SQNR on {provider}", result["sqnr_db"] >= minimum, f"{result['sqnr_db']:.2f} dB "
+                        f"vs FP32 torch (cpu: {recorded['graphs'][name]['sqnr_db']:.2f} dB recorded; "
+                        f"min {minimum:g} dB)")
+                  for name, result in numbers["graphs"].items()]
+        final_min = recorded["thresholds"].get("final_latent_min_psnr_db", 0)
+        checks.append(Check(f"trajectory on {provider}", numbers["final_latent_psnr_db"] >= final_min,
+                            f"final latent PSNR {numbers['final_latent_psnr_db']:.2f} dB (cpu: "
+                            f"{recorded['final_latent_psnr_db']:.2f} dB recorded; min {final_min:g} dB)"))
+        found = failures(numbers, SimpleNamespace(**recorded["thresholds"]))
+        checks.append(Check(f"quantized parity gate on {provider}", not found,
+                            "; ".join(found) if found else "all recorded thresholds met"))
+        return checks
+    diffs = compare(recorded, numbers)
+    checks = [Check("quantized parity re-measured", not diffs, "; ".join(diffs) if diffs else
+                    f"{len(numbers['graphs'])} graphs and {len(numbers['steps'])} steps equal the manifest "
+                    f"(final latent PSNR {numbers['final_latent_psnr_db']:.2f} dB)")]
+    found = failures(numbers, SimpleNamespace(**recorded["thresholds"]))
+    allowed = recorded["gate"].get("allowed_by_flag", False)
+    detail = "; ".join(found) if found else "all recorded thresholds met"
+    if found and allowed:
+        detail = f"below thresholds, written with --allow-low-parity: {detail}"
+    checks.append(Check("quantized parity gate", not found or allowed, detail))
+    return checks
+
+
 def print_table(checks: list[Check]) -> None:
     width = max(len(c.name) for c in checks)
     for c in checks:
@@ -119,12 +228,16 @@ def print_table(checks: list[Check]) -> None:
 
 
 def validate_command(args: argparse.Namespace) -> int:
+    from .runtime.sessions import check_provider
+
+    provider = getattr(args, "provider", "cpu")
+    check_provider(provider)
     bundle = Path(args.bundle)
     manifest = read_manifest(bundle)
     checks = integrity_checks(bundle, manifest)
     if all(c.ok for c in checks) and not args.no_parity:
         try:
-            checks += parity_checks(bundle, manifest)
+            checks += parity_checks(bundle, manifest, provider)
         except CwExportError as exc:
             checks.append(Check("parity", False, str(exc)))
     print_table(checks)

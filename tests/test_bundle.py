@@ -32,7 +32,8 @@ def test_manifest_contract_fields(fp32_bundle, tiny_model):
     assert m["guidance_scale"] == 7.5 and m["batch"] == 2
     assert m["latent"]["shape"] == [1, 4, 16, 16] and m["latent"]["scaling_factor"] == pytest.approx(0.18215)
     assert {"torch", "onnx", "onnxruntime", "diffusers"} <= set(m["versions"])
-    assert set(m["graphs"]) == {"text_encoder", "high_res_in", "low_res", "high_res_out"}
+    assert set(m["graphs"]) == {"text_encoder", "high_res_in", "low_res", "high_res_out", "vae_decoder"}
+    assert m["graphs"]["vae_decoder"]["outputs"][0]["shape"] == [1, 3, 32, 32]
     hi = m["graphs"]["high_res_in"]
     assert [s["name"] for s in hi["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     assert hi["inputs"][0]["shape"] == [2, 4, 16, 16]

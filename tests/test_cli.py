@@ -44,7 +44,6 @@ def test_ci_runs_the_readme_test_line_verbatim():
     (["--guidance", "nan"], "--guidance must be a finite number"),
     (["--target", "no-such-target"], "unknown target 'no-such-target'"),
     (["--model", "/nonexistent/model"], "model folder not found"),
-    (["--adaptor", "learned"], "needs --adaptor-checkpoint"),
     (["--height", "100"], "must be divisible"),
     (["--bogus-flag"], "unrecognized arguments"),
 ])
@@ -82,12 +81,23 @@ def test_run_with_prompt_and_seed_is_reproducible(fp32_bundle, tmp_path):
     assert outs[0].shape == (1, 4, 16, 16) and np.array_equal(outs[0], outs[1]) and np.isfinite(outs[0]).all()
 
 
+def test_run_prompt_to_png_with_onnxruntime_only(fp32_bundle, tmp_path):
+    from cw_export.runtime.image import decode_png
+
+    result = cw("run", str(fp32_bundle), "--prompt", "a blue square", "--seed", "2", "--image-out",
+                str(tmp_path / "img.png"), "--latents-out", str(tmp_path / "lat.npy"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    image = decode_png((tmp_path / "img.png").read_bytes())
+    assert image.shape == (32, 32, 3) and image.std() > 0
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("bad_latent_shape", "init latents have shape [1, 4, 8, 8]"),
     ("bad_embeds_keys", "lack array(s) ['uncond']"),
     ("missing_bundle", "bundle folder not found"),
     ("latents_out_dir", "--latents-out is a folder"),
     ("empty_prompt", "--prompt must be a non-empty string"),
+    ("no_output", "give --latents-out"),
 ])
 def test_run_errors(fp32_bundle, tmp_path, case, fragment):
     np.save(tmp_path / "small.npy", np.zeros([1, 4, 8, 8], np.float32))
@@ -99,8 +109,10 @@ def test_run_errors(fp32_bundle, tmp_path, case, fragment):
         "missing_bundle": [str(tmp_path / "nope"), "--prompt", "x", "--seed", "1"],
         "latents_out_dir": [bundle, "--prompt", "x", "--seed", "1"],
         "empty_prompt": [bundle, "--prompt", "  ", "--seed", "1"],
+        "no_output": [bundle, "--prompt", "x", "--seed", "1"],
     }[case]
-    result = cw("run", *args, "--latents-out", str(tmp_path) if case == "latents_out_dir" else out)
+    outputs = [] if case == "no_output" else ["--latents-out", str(tmp_path) if case == "latents_out_dir" else out]
+    result = cw("run", *args, *outputs)
     assert_user_error(result, fragment)
     assert not (tmp_path / "out.npy").exists()
 

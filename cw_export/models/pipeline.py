@@ -245,7 +245,19 @@ def build_architecture_model(name: str, device: str = "cpu") -> SDModel:
 
 ARCHITECTURE_NAMES = tuple(configs.ARCHITECTURES)  # sd15-arch, sd21-arch
 
+SHAPES_NAME = "shapes"  # the small text-to-image model trained by tools/train_builtin.py (docs/builtin_model.md)
+SHAPES_DIR = Path(__file__).with_name("builtin")
+
+
+def build_shapes_model() -> SDModel:
+    """The trained shapes model; becomes ``builtin`` once it meets the quality bar of docs/builtin_model.md."""
+    model = load_model_folder(SHAPES_DIR)
+    model.source = {"kind": "builtin", "name": SHAPES_NAME, "sha256": model.source["sha256"]}
+    return model
+
+
 BUILTIN_MODELS = {BUILTIN_NAME: build_builtin_model, TINY_RANDOM_NAME: build_tiny_random_model,
+                  SHAPES_NAME: build_shapes_model,
                   **{name: (lambda n=name: build_architecture_model(n)) for name in ARCHITECTURE_NAMES}}
 
 

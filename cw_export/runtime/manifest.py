@@ -16,6 +16,7 @@ from ..errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SELF_HASH_KEY = "manifest_sha256"  # sha256 of the manifest's canonical bytes without this key: covers manifest.json
 
 
 def sha256_file(path: Path) -> str:
@@ -26,9 +27,31 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def manifest_bytes(manifest: dict) -> bytes:
-    """Canonical serialisation (sorted keys, fixed indent) so equal manifests are byte-identical."""
+def _canonical(manifest: dict) -> bytes:
     return (json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """Canonical serialisation (sorted keys, fixed indent) so equal manifests are byte-identical.
+
+    It carries the sha256 of its own other content under ``manifest_sha256``, so that the one file the ``files``
+    table cannot list is covered too: ``verify_bundle`` re-serialises what it reads and requires the same bytes.
+    """
+    body = {key: value for key, value in manifest.items() if key != SELF_HASH_KEY}
+    return _canonical({**body, SELF_HASH_KEY: hashlib.sha256(_canonical(body)).hexdigest()})
+
+
+def _manifest_problem(bundle: Path) -> str | None:
+    """Why manifest.json is not exactly the bytes ``manifest_bytes`` wrote (None when it is)."""
+    try:
+        raw = (bundle / MANIFEST_NAME).read_bytes()
+        data = json.loads(raw)
+        if SELF_HASH_KEY not in data:
+            return f"{MANIFEST_NAME} has no {SELF_HASH_KEY} (written by an older cw-export or by hand); rebuild it"
+        same = manifest_bytes(data) == raw
+    except (OSError, ValueError, TypeError, AttributeError):
+        same = False
+    return None if same else f"{MANIFEST_NAME} changed since it was written (its bytes do not match {SELF_HASH_KEY})"
 
 
 def list_files(bundle: Path) -> dict[str, dict]:
@@ -62,13 +85,31 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
     for key in ("files", "graphs", "wiring", "schedule", "sampler", "latent"):
         if key not in manifest:
             raise BundleError(f"{bundle}: manifest lacks '{key}'")
+    _check_tables(bundle, manifest)
     return manifest
+
+
+def _inside(rel: object) -> bool:
+    """A relative POSIX path that stays inside the bundle (no absolute paths, no '..')."""
+    return isinstance(rel, str) and bool(rel) and not rel.startswith("/") and ".." not in rel.split("/")
+
+
+def _check_tables(bundle: Path, manifest: dict) -> None:
+    """The shapes verify_bundle and the runtime rely on, so a hand-edited manifest is one BundleError, not a crash."""
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+            _inside(rel) and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("size"), int) for rel, entry in files.items()):
+        raise BundleError(f"{bundle}: manifest 'files' must map paths inside the bundle to their sha256 and size")
+    graphs = manifest["graphs"]
+    if not isinstance(graphs, dict) or not all(isinstance(g, dict) and _inside(g.get("file")) for g in graphs.values()):
+        raise BundleError(f"{bundle}: manifest 'graphs' must give each graph a 'file' inside the bundle")
 
 
 def verify_bundle(bundle: str | os.PathLike, manifest: dict) -> list[str]:
     """Every mismatch between the files on disk and the manifest, as human-readable lines (empty = intact)."""
     bundle = Path(bundle)
-    problems = []
+    problems = [p for p in [_manifest_problem(bundle)] if p]
     expected = manifest["files"]
     actual_names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {MANIFEST_NAME}
     for rel in sorted(set(expected) - actual_names):

@@ -19,7 +19,7 @@ from ..errors import InputError
 from . import schedulers
 from .manifest import load_verified
 from .schedule import CLOCKED, step_kinds
-from .sessions import create_session
+from .sessions import check_provider, create_session, manifest_session_config
 
 StepHook = Callable[[int, str, dict], None]
 
@@ -40,13 +40,18 @@ class BundleRunner:
 
     def __init__(self, bundle: str | os.PathLike, provider: str = "cpu", verify: bool = True) -> None:
         self.bundle = Path(bundle)
+        check_provider(provider)
         self.manifest = load_verified(self.bundle, verify=verify)
         self.provider = provider
         self._sessions: dict = {}
 
     def session(self, graph: str):
         if graph not in self._sessions:
-            self._sessions[graph] = create_session(self.bundle / self.manifest["graphs"][graph]["file"], self.provider)
+            # the session settings parity was measured under (manifest "session_options"; PLATFORM.md)
+            spec = self.manifest["graphs"][graph]
+            self._sessions[graph] = create_session(self.bundle / spec["file"], self.provider,
+                                                   config=manifest_session_config(self.manifest),
+                                                   precision=spec.get("precision", "fp32"))
         return self._sessions[graph]
 
     # -- text ---------------------------------------------------------------------------------------------------
@@ -63,7 +68,8 @@ class BundleRunner:
         return hidden, pooled
 
     def check_text_embeds(self, hidden: np.ndarray, pooled: np.ndarray | None) -> None:
-        expected = self.graph_input_shape("high_res_in", "encoder_hidden_states")
+        expected = next(o["shape"] for o in self.manifest["graphs"]["text_encoder"]["outputs"]
+                        if o["name"] == "encoder_hidden_states")
         if tuple(hidden.shape) != tuple(expected):
             raise InputError(f"text embeddings have shape {list(hidden.shape)}; the bundle needs {expected}"
                              " (uncond and cond, each [1, seq, dim])")
@@ -75,6 +81,15 @@ class BundleRunner:
             if spec["name"] == name:
                 return spec["shape"]
         raise KeyError(f"{graph} has no input {name}")
+
+    # -- decoding -----------------------------------------------------------------------------------------------
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Final latents -> [H, W, 3] uint8 RGB through the bundle's VAE decoder."""
+        from .image import to_uint8
+
+        decode = self.manifest["wiring"]["decode"]
+        (image,) = self.session(decode["graph"]).run([decode["output"]], {decode["input"]: latents.astype(np.float32)})
+        return to_uint8(image)
 
     # -- denoising ----------------------------------------------------------------------------------------------
     def latent_shape(self) -> list[int]:
@@ -112,9 +127,9 @@ class BundleRunner:
         trajectory = Trajectory(latents=latents, kinds=kinds, timesteps=[int(t) for t in table["timesteps"]])
         iterator = range(steps)
         if progress:
-            from tqdm import tqdm
+            from ..progress import progress_bar
 
-            iterator = tqdm(iterator, desc="denoise", unit="step")
+            iterator = progress_bar(iterator, desc="denoise", unit="step")
         for i in iterator:
             kind = kinds[i]
             t = table["timesteps"][i]

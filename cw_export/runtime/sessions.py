@@ -1,7 +1,11 @@
 """onnxruntime sessions for bundle graphs, per execution provider.
 
-``cpu`` is plain onnxruntime. Session options are returned with the session so that what parity was measured
-under can be recorded (onnxruntime's graph optimisations change QDQ numerics; PLATFORM.md).
+``cpu`` is plain onnxruntime. ``qnn-htp`` runs quantized graphs (manifest precision other than fp32) on the QNN HTP
+backend (onnxruntime-qnn's plugin EP; on x86_64 the HTP is emulated) with CPU fallback disabled, so a graph either runs
+entirely on the NPU or fails with one line naming it and its unsupported op types; FP32 graphs stay on the CPU EP
+(docs/qnn_htp.md). onnxruntime's graph optimisations change QDQ numerics (PLATFORM.md: one W8A8 QDQ UNet
+fell from 23 dB to 5 dB SQNR under ORT_ENABLE_ALL), so a bundle records the session settings its parity was measured
+under (``manifest["session_options"]``) and the runtime creates every session with exactly those settings.
 """
 
 from __future__ import annotations
@@ -10,21 +14,128 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..errors import InputError
+from ..errors import BundleError, InputError
 
-PROVIDERS = ("cpu",)
+PROVIDERS = ("cpu", "qnn-htp")
+
+QNN_EP = "QNNExecutionProvider"
+# QNN HTP provider options. Without soc_model, graph finalisation fails with QNN_COMMON_ERROR_MEM_ALLOC (PLATFORM.md);
+# 57 is the SoC the platform measurements used. offload_graph_io_quantization "1" (the default) assigns the graph-input
+# QuantizeLinear / graph-output DequantizeLinear to the CPU EP, which fallback-disabled sessions refuse (and which
+# segfaulted on a whole UNet, PLATFORM.md): "0" keeps them on the HTP so the whole graph is one HTP partition.
+QNN_HTP_OPTIONS = {"soc_model": "57", "offload_graph_io_quantization": "0"}
+
+OPTIMIZATION_LEVELS = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+DEFAULT_SESSION_CONFIG = {"graph_optimization_level": "all", "disabled_optimizers": []}
 
 
-def session_options(disabled_optimizers: list[str] | None = None, threads: int = 0) -> ort.SessionOptions:
+def session_config(graph_optimization_level: str = "all", disabled_optimizers: list[str] | None = None) -> dict:
+    """The JSON-able description of session settings stored in the manifest (checked here, once)."""
+    if graph_optimization_level not in OPTIMIZATION_LEVELS:
+        raise InputError(f"onnxruntime optimisation level '{graph_optimization_level}' unknown; "
+                         f"available: {', '.join(OPTIMIZATION_LEVELS)}")
+    disabled = list(disabled_optimizers or [])
+    if not all(isinstance(name, str) and name for name in disabled):
+        raise InputError(f"disabled onnxruntime optimizers must be non-empty names, got {disabled!r}")
+    return {"graph_optimization_level": graph_optimization_level, "disabled_optimizers": sorted(disabled)}
+
+
+def manifest_session_config(manifest: dict) -> dict:
+    """A bundle's recorded session settings; bundles from before they were recorded get onnxruntime's defaults."""
+    config = manifest.get("session_options", DEFAULT_SESSION_CONFIG)
+    try:
+        return session_config(config["graph_optimization_level"], config.get("disabled_optimizers"))
+    except (KeyError, TypeError, InputError) as exc:
+        raise BundleError(f"manifest session_options are invalid: {exc}") from None
+
+
+def session_options(disabled_optimizers: list[str] | None = None, threads: int = 0,
+                    graph_optimization_level: str = "all") -> ort.SessionOptions:
+    """SessionOptions for one level; ``disabled_optimizers`` is accepted for symmetry and applied by create_session."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[graph_optimization_level]
     if threads:
         options.intra_op_num_threads = threads
     return options
 
 
-def create_session(path: Path, provider: str = "cpu", options: ort.SessionOptions | None = None):
-    """An InferenceSession for one graph file on the named provider."""
+def create_session(path: Path, provider: str = "cpu", options: ort.SessionOptions | None = None,
+                   config: dict | None = None, precision: str | None = None):
+    """An InferenceSession for one graph file on the named provider.
+
+    ``precision`` is the manifest's graph precision: on ``qnn-htp`` an ``fp32`` graph runs on the CPU EP, any other
+    (or unknown) precision on the HTP with CPU fallback disabled.
+
+    ``config`` (a ``session_config`` dict, e.g. a manifest's ``session_options``) sets the optimisation level and the
+    disabled optimizers; without it onnxruntime's defaults apply.
+    """
+    check_provider(provider)
+    disabled: list[str] = []
+    if config is not None:
+        options = session_options(graph_optimization_level=config["graph_optimization_level"])
+        disabled = list(config.get("disabled_optimizers", []))
+    kwargs = {"disabled_optimizers": disabled} if disabled else {}
+    if provider == "qnn-htp" and precision != "fp32":
+        return _qnn_htp_session(Path(path), options or session_options(), kwargs)
+    return ort.InferenceSession(str(path), options or session_options(), providers=["CPUExecutionProvider"],
+                                **kwargs)
+
+
+def check_provider(provider: str) -> None:
     if provider not in PROVIDERS:
         raise InputError(f"unknown provider '{provider}'; available: {', '.join(PROVIDERS)}")
-    return ort.InferenceSession(str(path), options or session_options(), providers=["CPUExecutionProvider"])
+
+
+def qnn_devices() -> tuple[list, str]:
+    """(the QNN EP's devices, the HTP backend library path); registers the plugin EP library once per process."""
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        raise InputError("provider 'qnn-htp' needs the onnxruntime-qnn package (pip install onnxruntime-qnn)") from None
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    if not devices:  # not registered yet in this process (registering twice is an error in onnxruntime)
+        ort.register_execution_provider_library(QNN_EP, onnxruntime_qnn.get_library_path())
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    if not devices:
+        raise InputError("provider 'qnn-htp': onnxruntime-qnn registered no QNN device")
+    return devices, onnxruntime_qnn.get_qnn_htp_path()
+
+
+def _qnn_htp_options(options: ort.SessionOptions, fallback: bool) -> ort.SessionOptions:
+    devices, backend = qnn_devices()
+    options.log_severity_level = 4  # the EP logs unsupported nodes as errors; they go into our one-line error instead
+    if not fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options.add_provider_for_devices(devices, {"backend_path": backend, **QNN_HTP_OPTIONS})
+    return options
+
+
+def cpu_assigned_ops(path: Path, options: ort.SessionOptions, kwargs: dict) -> list[str]:
+    """Op types of ``path`` that onnxruntime assigns to the CPU EP when QNN HTP is tried with fallback allowed."""
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    session = ort.InferenceSession(str(path), _qnn_htp_options(options, fallback=True), **kwargs)
+    return sorted({node.op_type for subgraph in session.get_provider_graph_assignment_info()
+                   if subgraph.ep_name != QNN_EP for node in subgraph.get_nodes()})
+
+
+def _qnn_htp_session(path: Path, options: ort.SessionOptions, kwargs: dict):
+    level = options.graph_optimization_level
+    try:
+        return ort.InferenceSession(str(path), _qnn_htp_options(options, fallback=False), **kwargs)
+    except Exception as exc:  # boundary: onnxruntime raises its own Fail/RuntimeError types
+        reason = " ".join(str(exc).split())[:160]
+    try:
+        retry = ort.SessionOptions()
+        retry.graph_optimization_level = level
+        ops = cpu_assigned_ops(path, retry, kwargs)
+    except Exception as exc:  # boundary: the diagnosis is best effort
+        ops, reason = [], f"{reason}; placement unknown ({' '.join(str(exc).split())[:80]})"
+    compute = [op for op in ops if op not in ("QuantizeLinear", "DequantizeLinear")]  # Q/DQ go with their op
+    detail = f"unsupported op types {', '.join(compute or ops)}" if ops else reason
+    raise BundleError(f"graph {path.stem} cannot run fully on qnn-htp: {detail}")

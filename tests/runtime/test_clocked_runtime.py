@@ -80,7 +80,9 @@ def test_runtime_imports_no_torch_diffusers_or_transformers(fp32_bundle, tmp_pat
         f"r = BundleRunner({str(fp32_bundle)!r})\n"
         "h, p = r.encode_prompt('a red square')\n"
         "import numpy as np\n"
-        "r.generate(h, p, np.zeros(r.latent_shape(), np.float32), steps=2, clock=2)\n"
+        "t = r.generate(h, p, np.zeros(r.latent_shape(), np.float32), steps=2, clock=2)\n"
+        "from cw_export.runtime.image import encode_png\n"
+        "encode_png(r.decode(t.latents))\n"
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "print('LOADED', bad)\n"
         "sys.exit(1 if bad else 0)\n"
@@ -95,3 +97,18 @@ def test_runtime_tokenizer_plus_text_encoder_match_torch(tiny_model, fp32_bundle
     ref_hidden, ref_pooled = text_embeddings(tiny_model, "a large green square in the center")
     assert _rel(hidden, ref_hidden.numpy()) <= 1e-5
     assert _rel(pooled, ref_pooled.numpy()) <= 1e-5
+
+
+def test_vae_decoder_graph_matches_diffusers_postprocessing(tiny_model, fp32_bundle, inputs):
+    """Bundle decode == diffusers: vae.decode(latents / scaling_factor), then (x / 2 + 0.5).clamp(0, 1) -> uint8."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    hidden, pooled, noise = inputs
+    runner = BundleRunner(fp32_bundle)
+    latents = runner.generate(hidden.numpy(), pooled.numpy(), noise, steps=4, clock=2).latents
+    ours = runner.decode(latents)
+    with torch.no_grad():
+        decoded = tiny_model.vae.decode(torch.from_numpy(latents) / tiny_model.vae.config.scaling_factor).sample
+    expected = VaeImageProcessor().postprocess(decoded, output_type="np")[0]
+    assert ours.shape == (32, 32, 3) and ours.dtype == np.uint8
+    assert np.max(np.abs(ours.astype(int) - np.round(expected * 255).astype(int))) <= 1

@@ -1,0 +1,186 @@
+"""Time and peak RSS, per stage, of one ``cw-export`` build (issue #8: SD 1.5 must export on 2 cores / 24 GB).
+
+Runs exactly the CLI's build path in this process (``cw_export.cli.main``) while
+  * a sampler thread reads this process's RSS every ``--interval`` seconds, and
+  * the stage functions of ``cw_export.build`` / ``cw_export.export`` are wrapped (scoped, undone on exit) to stamp
+    start/end times, so every stage gets its wall time and the peak RSS seen while it ran.
+The kernel's own peak (``ru_maxrss``) is reported beside the sampled peak.
+
+    nohup python bench/sd15_export.py --json bench/results/sd15_export_512.json -- \
+        --model sd15-arch --target cpu-fp32 --out /tmp/sd15_512 --overwrite --quiet > /tmp/sd15_512.log 2>&1 &
+
+Everything after ``--`` is passed to ``cw-export`` unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+class Timeline:
+    """Nested stages with wall time and the peak RSS sampled while each was open."""
+
+    def __init__(self, interval: float) -> None:
+        self.process = psutil.Process()
+        self.interval = interval
+        self.t0 = time.perf_counter()
+        self.events: list[dict] = []
+        self.open: list[dict] = []
+        self.peak_rss = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._observe()
+            self._stop.wait(self.interval)
+
+    def _observe(self) -> None:
+        rss = self.process.memory_info().rss
+        with self._lock:
+            self.peak_rss = max(self.peak_rss, rss)
+            for event in self.open:
+                event["peak_rss"] = max(event["peak_rss"], rss)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._observe()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        rss = self.process.memory_info().rss
+        event = {"stage": name, "depth": len(self.open), "start_s": time.perf_counter() - self.t0,
+                 "rss_before": rss, "peak_rss": rss}
+        with self._lock:
+            self.open.append(event)
+            self.events.append(event)
+        try:
+            yield
+        finally:
+            self._observe()
+            with self._lock:
+                self.open.remove(event)
+            event["wall_s"] = time.perf_counter() - self.t0 - event["start_s"]
+            event["rss_after"] = self.process.memory_info().rss
+
+
+def _wrap(timeline: Timeline, owner, attr: str, label):
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        name = label(*args, **kwargs) if callable(label) else label
+        with timeline.stage(name):
+            return original(*args, **kwargs)
+
+    setattr(owner, attr, wrapper)
+    return lambda: setattr(owner, attr, original)
+
+
+@contextlib.contextmanager
+def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
+    """Scoped patches of the build's stage functions; all undone on exit."""
+    import torch
+
+    from cw_export import build, export
+
+    check = getattr(build, "check_build_memory", None)
+    if check is not None:  # record the build's own up-front estimate beside the measured peak
+        from cw_export.resources_check import available_memory_bytes, estimate_build_peak_bytes
+
+        def recorded_check(model, latent_hw, *args, **kwargs):
+            notes["estimated_peak_gib"] = gib(estimate_build_peak_bytes(model, latent_hw))
+            notes["available_gib_at_check"] = gib(available_memory_bytes() or 0)
+            notes["memory_check_skipped"] = skip_memory_check
+            if not skip_memory_check:
+                check(model, latent_hw, *args, **kwargs)
+
+        build.check_build_memory = recorded_check
+
+    undo = [
+        _wrap(timeline, build, "load_model", "load model (random init + weights hash)"),
+        _wrap(timeline, build, "export_all", "export all graphs"),
+        _wrap(timeline, build, "example_inputs", "  example inputs (text encoder + first step)"),
+        _wrap(timeline, build, "export_graph", lambda module, inputs, outputs, path, **kw: f"  graph {path.stem}"),
+        _wrap(timeline, torch.onnx, "export", "    torch.onnx.export (trace + serialise)"),
+        _wrap(timeline, export, "_simplify_in_place", "    onnxsim"),
+        _wrap(timeline, export, "_save", "    re-save as external data"),
+        _wrap(timeline, export, "measure_parity", "    onnxruntime parity run"),
+        _wrap(timeline, build, "write_tokenizer_files", "tokenizer files"),
+        _wrap(timeline, build, "build_manifest", "manifest"),
+        _wrap(timeline, build, "list_files", "sha256 of every file"),
+    ]
+    if hasattr(build, "write_report"):
+        undo.append(_wrap(timeline, build, "write_report", "report.html"))
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+        if check is not None:
+            build.check_build_memory = check
+
+
+def gib(n: int) -> float:
+    return round(n / 1024**3, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cli_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, required=True, help="where to write the per-stage results")
+    parser.add_argument("--interval", type=float, default=0.2, help="RSS sampling period in seconds")
+    parser.add_argument("--skip-memory-check", action="store_true",
+                        help="do not let the build's up-front memory estimate refuse the run (the estimate is recorded)")
+    args = parser.parse_args(own)
+
+    from cw_export import cli
+
+    timeline = Timeline(args.interval)
+    notes: dict = {}
+    timeline.start()
+    with instrumented(timeline, notes, args.skip_memory_check), timeline.stage("total (cw-export " + " ".join(cli_args) + ")"):
+        rc = cli.main(cli_args)
+    timeline.stop()
+    maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {
+        "command": "python bench/sd15_export.py " + " ".join(argv),
+        "exit_code": rc,
+        "machine": {"cpus": os.cpu_count(), "ram_gib": gib(psutil.virtual_memory().total),
+                    "load_avg_at_end": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version()},
+        "peak_rss_gib_sampled": gib(timeline.peak_rss),
+        "peak_rss_gib_kernel": gib(maxrss_kib * 1024),
+        "build_memory_estimate": notes,
+        "stages": [{"stage": e["stage"], "wall_s": round(e.get("wall_s", float("nan")), 2),
+                    "peak_rss_gib": gib(e["peak_rss"]), "rss_before_gib": gib(e["rss_before"]),
+                    "rss_after_gib": gib(e.get("rss_after", 0))} for e in timeline.events],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if k != "stages"}, indent=2))
+    for stage in result["stages"]:
+        print(f"{stage['wall_s']:9.1f} s  peak {stage['peak_rss_gib']:6.2f} GiB  {stage['stage']}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

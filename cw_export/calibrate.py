@@ -1,0 +1,280 @@
+"""Trajectory-driven calibration data (calibrate stage): every graph's real inputs at the steps where it runs.
+
+Steps:
+  1. take ``calibration_prompts`` prompts of the calibration set; prompt k starts from unit noise seeded seed + k
+  2. run the FP32 clocked pipeline exactly as the bundle will (the runtime's own loop, sampler table, clock,
+     guidance and adaptor; batch [uncond, cond]) with the torch graphs, and at each step read every graph's inputs
+     from the step's slots, so ``low_res`` sees full-step inputs and the adaptor clocked-step inputs
+  3. keep at most ``calibration_samples`` samples per graph, stratified over the steps that graph runs at, and write
+     each kept sample to disk as it is produced (memory stays at one trajectory)
+  4. write ``meta.json`` last and rename the folder into the cache: a later build with the same settings (model
+     hash, prompts hash, steps, clock, guidance, sampler, adaptor, shapes, seeds, cap) reuses it
+
+The data comes back as ``CalibrationData`` readers (``get_next()`` -> dict of named arrays or None, the interface
+onnxruntime's quantizer takes); aimet reads them through a small adapter in its backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .runtime.pipeline import BundleRunner
+from .runtime.schedule import step_kinds
+
+CALIBRATION_FORMAT = 1  # bump when the on-disk layout or the capture changes: old cache entries are then ignored
+CACHE_ENV = "CW_EXPORT_CACHE"
+META_NAME = "meta.json"
+
+TextEncoder = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+
+def cache_root() -> Path:
+    """``$CW_EXPORT_CACHE`` or ``~/.cache/cw-export``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cw-export"
+
+
+# -- graphs as sessions --------------------------------------------------------------------------------------------
+class TorchGraph:
+    """A torch module with an onnxruntime-session-like ``run(output_names, feeds)``: the FP32 reference graph."""
+
+    def __init__(self, module, input_names: list[str], output_names: list[str]) -> None:
+        self.module = module
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = self.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names])
+        out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        values = dict(zip(self.output_names, (t.detach().cpu().numpy() for t in out)))
+        return [values[n] for n in (output_names or self.output_names)]
+
+
+class GraphRunner(BundleRunner):
+    """The runtime's clocked loop (``BundleRunner.generate``) over in-memory graphs: torch modules or ORT sessions.
+
+    Used so that calibration and parity run exactly the loop the bundle runs, before the bundle exists.
+    """
+
+    def __init__(self, manifest: dict, graphs: dict) -> None:  # noqa: D107 - no bundle folder to load
+        self.bundle = None
+        self.manifest = manifest
+        self.provider = "cpu"
+        self._sessions = dict(graphs)
+
+    def session(self, graph: str):
+        return self._sessions[graph]
+
+
+def graph_feeds(manifest: dict, graph: str, slots: dict) -> dict[str, np.ndarray]:
+    """The inputs ``graph`` read at a step, from the step's slots (each slot is written once per step)."""
+    spec = manifest["wiring"]["graphs"][graph]
+    return {name: slots[slot] for name, slot in spec["inputs"].items()}
+
+
+def graph_outputs(manifest: dict, graph: str, slots: dict) -> dict[str, np.ndarray]:
+    spec = manifest["wiring"]["graphs"][graph]
+    return {name: slots[slot] for name, slot in spec["outputs"].items()}
+
+
+def unit_noise(shape: list[int], seed: int) -> np.ndarray:
+    """The initial unit Gaussian noise of one trajectory (numpy PCG64, as ``cw-export run --seed``)."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+# -- which samples to keep -----------------------------------------------------------------------------------------
+def graph_steps(manifest: dict, steps: int, clock: int) -> dict[str, list[int]]:
+    """For each graph of the denoising loop, the 0-based step indices at which the runtime runs it."""
+    kinds = step_kinds(steps, clock)
+    order = manifest["wiring"]["steps"]
+    in_loop = sorted({g for graphs in order.values() for g in graphs})
+    return {g: [i for i, kind in enumerate(kinds) if g in order[kind]] for g in in_loop}
+
+
+def stratified_selection(num_prompts: int, steps: list[int], cap: int) -> set[tuple[int, int]]:
+    """(prompt, step) pairs to keep: every step gets an equal share of ``cap`` (earlier steps take the remainder),
+    and within a step the prompts are spread evenly, offset per step so that different steps see different prompts."""
+    pairs = {(p, s) for p in range(num_prompts) for s in steps}
+    if len(pairs) <= cap:
+        return pairs
+    base, extra = divmod(cap, len(steps))
+    keep = set()
+    for j, step in enumerate(steps):
+        quota = min(num_prompts, base + (1 if j < extra else 0))
+        for k in range(quota):
+            keep.add(((k * num_prompts // quota + j) % num_prompts, step))
+    return keep
+
+
+# -- settings and cache key ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Everything the captured data depends on; its hash is the cache key (and it is recorded in the manifest)."""
+
+    model_sha256: str
+    adaptor: str
+    adaptor_sha256: str | None
+    prompts_sha256: str
+    num_prompts: int
+    steps: int
+    clock: int
+    guidance_scale: float
+    sampler: str
+    latent_shape: tuple[int, ...]
+    input_shapes: dict  # graph -> {input name: shape}
+    seed: int
+    samples_per_graph: int
+    format: int = CALIBRATION_FORMAT
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def settings_for(manifest: dict, model_sha256: str, prompts: list[str], seed: int, samples_per_graph: int,
+                 adaptor_sha256: str | None = None) -> CalibrationSettings:
+    from .prompts import prompt_set_hash
+
+    schedule = manifest["schedule"]
+    shapes = {g: {s["name"]: list(s["shape"]) for s in spec["inputs"]}
+              for g, spec in sorted(manifest["graphs"].items())}
+    return CalibrationSettings(
+        model_sha256=model_sha256, adaptor=manifest["adaptor"]["kind"], adaptor_sha256=adaptor_sha256,
+        prompts_sha256=prompt_set_hash(prompts), num_prompts=len(prompts), steps=schedule["steps"],
+        clock=schedule["clock"], guidance_scale=float(manifest["guidance_scale"]), sampler=manifest["sampler"]["name"],
+        latent_shape=tuple(manifest["latent"]["shape"]), input_shapes=shapes, seed=seed,
+        samples_per_graph=samples_per_graph)
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+class CalibrationData:
+    """One graph's samples: ``get_next()`` returns {input name: array} or None (onnxruntime's CalibrationDataReader
+    protocol); ``rewind()`` starts over; iterating yields every sample once. Samples are loaded from disk lazily."""
+
+    def __init__(self, graph: str, files: list[Path], steps: list[int]) -> None:
+        self.graph = graph
+        self.files = list(files)
+        self.steps = list(steps)  # the step index of each sample, for tests and the manifest
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for path in self.files:
+            yield self.load(path)
+
+    @staticmethod
+    def load(path: Path) -> dict[str, np.ndarray]:
+        with np.load(path) as data:
+            return {name: data[name] for name in data.files}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self.files):
+            return None
+        self._next += 1
+        return self.load(self.files[self._next - 1])
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def subset(self, count: int) -> "CalibrationData":
+        """An evenly spaced subset of at most ``count`` samples (for the sensitivity sweep)."""
+        if count >= len(self.files):
+            return CalibrationData(self.graph, self.files, self.steps)
+        idx = [i * len(self.files) // count for i in range(count)]
+        return CalibrationData(self.graph, [self.files[i] for i in idx], [self.steps[i] for i in idx])
+
+
+@dataclass
+class CalibrationSet:
+    """Per-graph readers plus the provenance recorded in the manifest."""
+
+    folder: Path
+    settings: CalibrationSettings
+    graphs: dict[str, CalibrationData]
+    reused: bool
+
+    def provenance(self) -> dict:
+        s = self.settings
+        return {"cache_key": s.key(), "reused_cache": self.reused, "prompts_sha256": s.prompts_sha256,
+                "num_prompts": s.num_prompts, "seeds": [s.seed + k for k in range(s.num_prompts)],
+                "steps": s.steps, "clock": s.clock, "guidance_scale": s.guidance_scale, "sampler": s.sampler,
+                "adaptor": s.adaptor, "samples_per_graph_cap": s.samples_per_graph,
+                "samples": {g: {"count": len(d), "steps": sorted(set(d.steps))} for g, d in self.graphs.items()}}
+
+
+def _open(folder: Path, settings: CalibrationSettings, reused: bool) -> CalibrationSet:
+    meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+    graphs = {g: CalibrationData(g, [folder / f for f in entry["files"]], entry["steps"])
+              for g, entry in meta["graphs"].items()}
+    return CalibrationSet(folder, settings, graphs, reused)
+
+
+# -- capture -------------------------------------------------------------------------------------------------------
+def collect(manifest: dict, graphs: dict, encode: TextEncoder, prompts: list[str], settings: CalibrationSettings,
+            cache: Path | None = None, progress: bool = False) -> CalibrationSet:
+    """The calibration data of ``settings``: from the cache when present, else captured (and cached).
+
+    ``graphs`` maps every graph name of ``manifest`` to a session-like FP32 graph (``TorchGraph``); ``encode`` turns
+    a prompt into (encoder_hidden_states, pooled_text) for [uncond, cond].
+    """
+    root = (cache or cache_root()) / "calibration"
+    folder = root / settings.key()
+    if (folder / META_NAME).is_file():
+        return _open(folder, settings, reused=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{settings.key()}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        meta = _capture(manifest, graphs, encode, prompts, settings, tmp, progress)
+        (tmp / META_NAME).write_text(json.dumps(meta, sort_keys=True, indent=1), encoding="utf-8")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another build filled the same entry meanwhile: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _open(folder, settings, reused=False)
+
+
+def _capture(manifest: dict, graphs: dict, encode: TextEncoder, prompts: list[str], settings: CalibrationSettings,
+             out: Path, progress: bool) -> dict:
+    per_graph_steps = graph_steps(manifest, settings.steps, settings.clock)
+    keep = {g: stratified_selection(len(prompts), steps, settings.samples_per_graph)
+            for g, steps in per_graph_steps.items()}
+    files: dict[str, list[tuple[int, int, str]]] = {g: [] for g in per_graph_steps}
+    for g in per_graph_steps:
+        (out / g).mkdir()
+    runner = GraphRunner(manifest, graphs)
+    from .progress import progress_bar
+
+    for p, prompt in progress_bar(enumerate(prompts), enabled=progress, total=len(prompts), desc="calibrate",
+                                  unit="prompt"):
+        hidden, pooled = encode(prompt)
+
+        def on_step(i: int, kind: str, slots: dict, p: int = p) -> None:
+            for graph in manifest["wiring"]["steps"][kind]:
+                if (p, i) in keep.get(graph, ()):
+                    rel = f"{graph}/p{p:04d}_s{i:03d}.npz"
+                    np.savez(out / rel, **graph_feeds(manifest, graph, slots))
+                    files[graph].append((p, i, rel))
+
+        runner.generate(hidden, pooled, unit_noise(list(settings.latent_shape), settings.seed + p), on_step=on_step)
+    # order samples step-major so that any prefix / evenly spaced subset covers the trajectory
+    return {"settings": asdict(settings),
+            "graphs": {g: {"files": [rel for _, _, rel in sorted(entries, key=lambda e: (e[1], e[0]))],
+                           "steps": [i for _, i, _ in sorted(entries, key=lambda e: (e[1], e[0]))]}
+                       for g, entries in files.items()}}

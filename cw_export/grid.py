@@ -1,0 +1,125 @@
+"""``cw-export run BUNDLE --grid PROMPTS --image-out grid.png``: the picture users want to look at.
+
+One row per prompt, one column per variant, all from the same initial noise:
+  full FP32 (torch, clock 1) | clockwork FP32 (torch, the bundle's clock) | the bundle on CPU | the bundle on QNN HTP
+The FP32 columns need the source model (desktop side, torch); the bundle columns use the runtime only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .runtime.image import image_grid
+from .runtime.pipeline import BundleRunner
+
+MAX_GRID_PROMPTS = 16
+
+
+@dataclass
+class GridResult:
+    columns: list[str]
+    prompts: list[str]
+    rows: list[list[np.ndarray]]
+
+
+def _torch_image(model, latents: np.ndarray) -> np.ndarray:
+    import torch
+
+    from .runtime.image import to_uint8
+
+    with torch.no_grad():
+        image = model.vae.decode(torch.from_numpy(latents) / model.vae.config.scaling_factor).sample
+    return to_uint8((image / 2 + 0.5).clamp(0, 1).numpy())
+
+
+def _bundle_columns(bundle: Path, manifest: dict) -> dict[str, BundleRunner]:
+    from .runtime.sessions import PROVIDERS
+
+    precision = "int8" if any(g.get("precision", "fp32") != "fp32" for g in manifest["graphs"].values()) else "fp32"
+    runners = {f"clockwork {precision} (cpu)": BundleRunner(bundle, provider="cpu", verify=False)}
+    if "qnn-htp" in PROVIDERS:
+        try:
+            runners[f"clockwork {precision} (qnn-htp)"] = BundleRunner(bundle, provider="qnn-htp", verify=False)
+        except Exception as exc:  # HTP is optional here: the grid says why the column is missing
+            print(f"qnn-htp column skipped: {' '.join(str(exc).split())[:200]}")
+    return runners
+
+
+def make_grid(bundle: str | Path, prompts: list[str], seed: int, source_model=None) -> GridResult:
+    """Generate every variant for every prompt; ``source_model`` defaults to the bundle's (must be reachable)."""
+    import torch
+
+    from .models.pipeline import load_model
+    from .reference import text_embeddings, torch_trajectory
+
+    if not prompts:
+        raise InputError("the grid needs at least one prompt")
+    if len(prompts) > MAX_GRID_PROMPTS:
+        raise InputError(f"the grid takes at most {MAX_GRID_PROMPTS} prompts, got {len(prompts)}")
+    bundle = Path(bundle)
+    base = BundleRunner(bundle)
+    manifest = base.manifest
+    if manifest["adaptor"]["kind"] != "identity":
+        raise InputError("the grid's torch clockwork column supports the identity adaptor only for now")
+    source = manifest["source_model"]
+    if source_model is None:
+        spec = source.get("path") if source.get("kind") == "folder" else source.get("name")
+        if source.get("kind") == "folder" and not Path(spec).is_dir():
+            raise InputError(f"the grid's FP32 columns need the source model, not reachable at {spec}")
+        source_model = load_model(spec)
+    schedule = manifest["schedule"]
+    runners = _bundle_columns(bundle, manifest)
+    columns = ["full fp32 (torch)", f"clockwork fp32 (torch, clock {schedule['clock']})", *runners]
+    rows = []
+    for k, prompt in enumerate(prompts):
+        hidden, pooled = text_embeddings(source_model, prompt)
+        noise = np.random.default_rng(seed + k).standard_normal(base.latent_shape(), dtype=np.float32)
+        row = []
+        for clock in (1, schedule["clock"]):
+            ref = torch_trajectory(source_model, hidden, torch.from_numpy(noise), schedule["steps"], clock,
+                                   manifest["guidance_scale"], manifest["sampler"]["name"])
+            row.append(_torch_image(source_model, ref.latents))
+        for runner in runners.values():
+            h, p = runner.encode_prompt(prompt)
+            row.append(runner.decode(runner.generate(h, p, noise).latents))
+        rows.append(row)
+    return GridResult(columns, prompts, rows)
+
+
+def save_grid_png(result: GridResult, out: Path) -> None:
+    """A labelled grid (matplotlib: column titles, prompts as row labels), written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import write_file_atomic
+
+    n_rows, n_cols = len(result.rows), len(result.columns)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows + 0.4), squeeze=False)
+    for i, row in enumerate(result.rows):
+        for j, image in enumerate(row):
+            ax = axes[i][j]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(result.columns[j], fontsize=7)
+            if j == 0:
+                ax.set_ylabel(result.prompts[i][:40], fontsize=6)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    write_file_atomic(Path(out), buffer.getvalue())
+
+
+def plain_grid(result: GridResult) -> np.ndarray:
+    """The unlabelled tile grid (for tests and for tools that want raw pixels)."""
+    return image_grid(result.rows)

@@ -1,0 +1,158 @@
+"""Quantized parity, measured in onnxruntime the way the bundle runs, and the build gate on it.
+
+On held-out prompts (never the calibration prompts), with the session settings the runtime will use:
+  1. per graph: SQNR of the quantized ORT graph vs the FP32 torch graph on the same inputs (the FP32 trajectory's
+     inputs at every step where that graph runs), signal and noise power pooled over samples, worst output counted
+  2. per step: latent PSNR of the quantized clocked trajectory vs the FP32 clocked torch trajectory from the same
+     noise (PSNR = 10 log10(max|FP32 latent|^2 / MSE), MSE pooled over prompts)
+  3. per step: guidance ratio std(cond - uncond) quantized / FP32 (mean over prompts): quantization that shrinks the
+     guidance direction changes the image even when the latents look close
+  4. final latent PSNR (the last step's)
+Thresholds come from the recipe's [parity] section; ``gate`` names the worst graph and step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .calibrate import GraphRunner, graph_feeds, graph_outputs, unit_noise
+from .errors import ParityError
+
+DB_DIGITS = 3
+REMEASURE_DB_TOLERANCE = 0.05  # validate: a re-measured dB number may differ this much (thread-order float noise)
+REMEASURE_RATIO_TOLERANCE = 1e-3
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return 999.0
+    return round(10.0 * math.log10(max(signal, 1e-30) / noise), DB_DIGITS)
+
+
+class _Pooled:
+    """Signal and noise power pooled over samples, per output."""
+
+    def __init__(self) -> None:
+        self.signal: dict[str, float] = {}
+        self.noise: dict[str, float] = {}
+        self.samples = 0
+
+    def add(self, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> None:
+        self.samples += 1
+        for name, ref in reference.items():
+            ref = ref.astype(np.float64)
+            err = actual[name].astype(np.float64) - ref
+            self.signal[name] = self.signal.get(name, 0.0) + float(np.sum(ref**2))
+            self.noise[name] = self.noise.get(name, 0.0) + float(np.sum(err**2))
+
+    def result(self) -> dict:
+        outputs = {name: _db(self.signal[name], self.noise[name]) for name in sorted(self.signal)}
+        return {"sqnr_db": min(outputs.values()), "outputs": outputs, "samples": self.samples}
+
+
+def graph_sqnr(session, reference, samples) -> dict:
+    """SQNR of ``session`` (quantized ORT) vs ``reference`` (FP32 TorchGraph) over an iterable of feeds."""
+    pooled = _Pooled()
+    names = reference.output_names
+    for feeds in samples:
+        pooled.add(dict(zip(names, reference.run(names, feeds))), dict(zip(names, session.run(names, feeds))))
+    return pooled.result()
+
+
+def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts: list[str], seed: int) -> dict:
+    """All parity numbers for ``quantized`` (graph name -> ORT session) against ``fp32_graphs`` (TorchGraphs)."""
+    reference_runner = GraphRunner(manifest, fp32_graphs)
+    quantized_runner = GraphRunner(manifest, {**fp32_graphs, **quantized})
+    pooled = {graph: _Pooled() for graph in quantized}
+    steps = manifest["schedule"]["steps"]
+    latent_noise = np.zeros(steps)
+    latent_peak = np.zeros(steps)
+    ratios = np.zeros(steps)
+    kinds: list[str] = []
+    for k, prompt in enumerate(prompts):
+        hidden, pooled_text = encode(prompt)
+        noise = unit_noise(manifest["latent"]["shape"], seed + k)
+
+        def on_step(i: int, kind: str, slots: dict) -> None:
+            for graph in manifest["wiring"]["steps"][kind]:
+                if graph in quantized:
+                    outputs = graph_outputs(manifest, graph, slots)
+                    names = list(outputs)
+                    actual = quantized[graph].run(names, graph_feeds(manifest, graph, slots))
+                    pooled[graph].add(outputs, dict(zip(names, actual)))
+
+        ref = reference_runner.generate(hidden, pooled_text, noise, on_step=on_step)
+        ours = quantized_runner.generate(hidden, pooled_text, noise)
+        kinds = ref.kinds
+        for i in range(steps):
+            a, b = ref.step_latents[i].astype(np.float64), ours.step_latents[i].astype(np.float64)
+            latent_noise[i] += float(np.sum((a - b) ** 2))
+            latent_peak[i] = max(latent_peak[i], float(np.max(np.abs(a))))
+            ratios[i] += ours.guidance_ratios[i] / max(ref.guidance_ratios[i], 1e-30)
+    size = len(prompts) * int(np.prod(manifest["latent"]["shape"]))
+    step_rows = []
+    for i in range(steps):
+        psnr = _db(latent_peak[i] ** 2, latent_noise[i] / size)
+        step_rows.append({"step": i, "kind": kinds[i], "latent_psnr_db": psnr,
+                          "guidance_ratio": round(float(ratios[i] / len(prompts)), 5)})
+    return {
+        "prompts": list(prompts), "seeds": [seed + k for k in range(len(prompts))],
+        "graphs": {graph: p.result() for graph, p in sorted(pooled.items())},
+        "steps": step_rows, "final_latent_psnr_db": step_rows[-1]["latent_psnr_db"],
+        "psnr_definition": "10*log10(max|fp32 latent|^2 / MSE), MSE pooled over prompts",
+    }
+
+
+def failures(numbers: dict, thresholds) -> list[str]:
+    """Every threshold ``numbers`` misses, worst graph and worst step first; empty when the gate passes."""
+    found = []
+    if thresholds.graph_min_sqnr_db > 0 and numbers["graphs"]:
+        worst = min(numbers["graphs"], key=lambda g: numbers["graphs"][g]["sqnr_db"])
+        bad = [g for g, r in numbers["graphs"].items() if r["sqnr_db"] < thresholds.graph_min_sqnr_db]
+        if bad:
+            found.append(f"worst graph {worst}: SQNR {numbers['graphs'][worst]['sqnr_db']:.2f} dB < "
+                         f"{thresholds.graph_min_sqnr_db:g} dB ({len(bad)} graph(s) below)")
+    rows = numbers["steps"]
+    if thresholds.step_min_psnr_db > 0:
+        worst = min(rows, key=lambda r: r["latent_psnr_db"])
+        if worst["latent_psnr_db"] < thresholds.step_min_psnr_db:
+            found.append(f"worst step {worst['step'] + 1} ({worst['kind']}): latent PSNR "
+                         f"{worst['latent_psnr_db']:.2f} dB < {thresholds.step_min_psnr_db:g} dB")
+    final = numbers["final_latent_psnr_db"]
+    if thresholds.final_latent_min_psnr_db > 0 and final < thresholds.final_latent_min_psnr_db:
+        found.append(f"final latent PSNR {numbers['final_latent_psnr_db']:.2f} dB < "
+                     f"{thresholds.final_latent_min_psnr_db:g} dB")
+    if thresholds.guidance_ratio_tolerance > 0:
+        worst = max(rows, key=lambda r: abs(r["guidance_ratio"] - 1.0))
+        if abs(worst["guidance_ratio"] - 1.0) > thresholds.guidance_ratio_tolerance:
+            found.append(f"step {worst['step'] + 1}: guidance ratio {worst['guidance_ratio']:.4f} outside "
+                         f"1 +/- {thresholds.guidance_ratio_tolerance:g}")
+    return found
+
+
+def gate(numbers: dict, thresholds, allow_low_parity: bool) -> dict:
+    """The gate's verdict for the manifest; raises ParityError (nothing written) unless allowed by flag."""
+    found = failures(numbers, thresholds)
+    if found and not allow_low_parity:
+        raise ParityError(f"quantized bundle below the recipe's parity thresholds: {'; '.join(found)} "
+                          "(bundle not written; --allow-low-parity writes it anyway)")
+    return {"passed": not found, "failures": found, "allowed_by_flag": bool(found and allow_low_parity)}
+
+
+def compare(recorded: dict, remeasured: dict) -> list[str]:
+    """Differences between a manifest's parity numbers and re-measured ones (empty when they agree)."""
+    diffs = []
+    for graph, rec in recorded["graphs"].items():
+        new = remeasured["graphs"].get(graph)
+        if new is None or abs(new["sqnr_db"] - rec["sqnr_db"]) > REMEASURE_DB_TOLERANCE:
+            diffs.append(f"{graph} SQNR {rec['sqnr_db']} dB recorded, {new and new['sqnr_db']} dB measured")
+    for rec, new in zip(recorded["steps"], remeasured["steps"]):
+        if abs(rec["latent_psnr_db"] - new["latent_psnr_db"]) > REMEASURE_DB_TOLERANCE:
+            diffs.append(f"step {rec['step'] + 1} PSNR {rec['latent_psnr_db']} dB recorded, "
+                         f"{new['latent_psnr_db']} dB measured")
+        if abs(rec["guidance_ratio"] - new["guidance_ratio"]) > REMEASURE_RATIO_TOLERANCE:
+            diffs.append(f"step {rec['step'] + 1} guidance ratio {rec['guidance_ratio']} recorded, "
+                         f"{new['guidance_ratio']} measured")
+    return diffs

@@ -1,0 +1,88 @@
+"""Quantize stage: FP32 graph + calibration data -> QDQ ONNX graph (+ encodings), through a named backend.
+
+Backends live in a plain dict registry and are imported only when used (aimet pulls in torchvision and is slow to
+import). Every backend implements ``quantize_graph(job, settings, out_dir) -> QuantizedGraph`` and reads the same
+``CalibrationData`` (calibrate stage):
+
+    aimet  aimet-torch QuantizationSimModel on the torch graph: per-channel symmetric INT8 weights, compute_encodings,
+           ONNX + AIMET encodings JSON (for QNN converters) and a QDQ ONNX (for onnxruntime)
+    ort    onnxruntime.quantization static QDQ with its QNN configuration helper on the FP32 ONNX graph
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import RecipeError
+
+BACKENDS: dict[str, str] = {
+    "aimet": "cw_export.quantize.aimet_backend",
+    "ort": "cw_export.quantize.ort_backend",
+}
+ACTIVATION_BITS = (8, 16)
+WEIGHT_BITS = (8,)
+QUANTIZED_GRAPHS = ("high_res_in", "low_res", "adaptor", "high_res_out")  # text_encoder stays FP32 (own issue)
+FP32_REASONS = {  # why a graph outside QUANTIZED_GRAPHS stays FP32 (recorded per graph in the manifest)
+    "text_encoder": "FP32: text encoder precision is handled by a separate issue; it runs once per image, not per step",
+    "vae_decoder": "FP32: the VAE decoder runs once per image after the loop; its precision is out of this scope",
+}
+
+
+@dataclass
+class GraphJob:
+    """One graph to quantize: its FP32 ONNX file, the torch module it was exported from, and its calibration data."""
+
+    name: str
+    fp32_onnx: Path
+    module: object  # torch.nn.Module, called positionally in ``input_names`` order
+    input_names: list[str]
+    output_names: list[str]
+    calibration: object  # cw_export.calibrate.CalibrationData
+    activation_bits: int
+
+
+@dataclass
+class QuantizedGraph:
+    """What a backend produced: the QDQ ONNX graph to deploy, optional encodings file, facts for the manifest."""
+
+    file: Path
+    encodings: Path | None = None
+    details: dict = field(default_factory=dict)
+
+
+def get_backend(name: str):
+    """The backend module registered as ``name``; an unknown name lists the valid ones."""
+    if name not in BACKENDS:
+        raise RecipeError(f"quantization backend '{name}' unknown; available: {', '.join(sorted(BACKENDS))}")
+    return importlib.import_module(BACKENDS[name])
+
+
+def check_settings(settings) -> None:
+    """Reject recipe quantization settings no backend can honour, before any heavy work."""
+    if settings.backend == "none":
+        return
+    if settings.backend not in BACKENDS:
+        raise RecipeError(f"quantization backend '{settings.backend}' unknown; "
+                          f"available: none, {', '.join(sorted(BACKENDS))}")
+    if settings.weight_bits not in WEIGHT_BITS:
+        raise RecipeError(f"[quantization] weight_bits {settings.weight_bits} unsupported; supported: {WEIGHT_BITS}")
+    for graph, bits in settings.activation_bits.items():
+        if graph not in QUANTIZED_GRAPHS:
+            raise RecipeError(f"[quantization] activation_bits names unknown graph '{graph}'; "
+                              f"quantized graphs: {', '.join(QUANTIZED_GRAPHS)}")
+        if isinstance(bits, bool) or bits not in ACTIVATION_BITS:
+            raise RecipeError(f"[quantization] activation_bits.{graph} = {bits!r}; must be one of {ACTIVATION_BITS}")
+    for graph in settings.a8_candidates:
+        if graph not in QUANTIZED_GRAPHS:
+            raise RecipeError(f"[quantization] a8_candidates names unknown graph '{graph}'; "
+                              f"quantized graphs: {', '.join(QUANTIZED_GRAPHS)}")
+    for name in ("calibration_prompts", "calibration_samples"):
+        if getattr(settings, name) < 1:
+            raise RecipeError(f"[quantization] {name} must be >= 1, got {getattr(settings, name)}")
+
+
+def planned_bits(settings, graph: str) -> int:
+    """Activation bits before the sweep: the recipe's per-graph value, else 16."""
+    return int(settings.activation_bits.get(graph, 16))

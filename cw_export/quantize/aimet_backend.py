@@ -1,0 +1,204 @@
+"""aimet-torch backend: QuantizationSimModel per graph, on the torch module the FP32 graph was exported from.
+
+Steps (PLATFORM.md lists the pitfalls each one avoids):
+  1. inside a scope that is undone on exit: diffusers' ``Timesteps`` is excluded from quantization (the sim cannot be
+     built otherwise), and every attention layer gets a processor made of aimet MatMul modules + nn.Softmax, so the
+     attention matmuls are quantized (``scaled_dot_product_attention`` would stay float); aimet's model preparer is
+     not used (it cannot trace diffusers)
+  2. build the sim: per-channel symmetric INT8 weights, 8- or 16-bit asymmetric activations (min-max); the
+     sinusoidal timestep embedding stays float and its output is quantized at 16 bits, never 8
+  3. ``compute_encodings`` over the graph's ``CalibrationData`` (an adapter feeds the arrays as torch tensors)
+  4. export: ONNX + AIMET encodings JSON (``sim.onnx.export``, for QNN converters) and a QDQ ONNX
+     (``aimet_torch.onnx.export``, opset 21: 16-bit QDQ needs it) that onnxruntime runs
+
+Known limit: functional ops inside diffusers blocks (residual adds, concats, the attention scale, gelu, interpolate)
+are not modules, so aimet leaves them unquantized: in the QDQ graph they compute in float between DequantizeLinear and
+QuantizeLinear nodes. The ``ort`` backend quantizes those too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+from . import GraphJob, QuantizedGraph
+
+SIM_CONFIG = {  # aimet quantsim config: per-channel symmetric weights, float biases, quantized model inputs
+    "defaults": {
+        "ops": {"is_output_quantized": "True"},
+        "params": {"is_quantized": "True", "is_symmetric": "True"},
+        "per_channel_quantization": "True",
+        "strict_symmetric": "False",
+        "unsigned_symmetric": "False",
+    },
+    "params": {"bias": {"is_quantized": "False"}},
+    "op_type": {},
+    "supergroups": [],
+    "model_input": {"is_input_quantized": "True"},
+    "model_output": {},
+}
+TIMESTEP_BITS = 16  # the sinusoidal embedding's output feeds time_embedding.linear_1 at 16 bits (PLATFORM.md)
+
+
+def _quantizable_processor_class():
+    import torch
+    from aimet_torch.nn.modules.custom import MatMul
+
+    class QuantizableAttnProcessor(torch.nn.Module):
+        """diffusers' AttnProcessor with its two matmuls and softmax as modules, so aimet quantizes them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scores = MatMul()
+            self.softmax = torch.nn.Softmax(dim=-1)
+            self.context = MatMul()
+
+        def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                    *args, **kwargs):
+            residual = hidden_states
+            if attn.spatial_norm is not None:
+                hidden_states = attn.spatial_norm(hidden_states, temb)
+            input_ndim = hidden_states.ndim
+            if input_ndim == 4:
+                batch_size, channel, height, width = hidden_states.shape
+                hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+            if attn.group_norm is not None:
+                hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
+            query = attn.head_to_batch_dim(query) * attn.scale
+            key = attn.head_to_batch_dim(key)
+            value = attn.head_to_batch_dim(value)
+            scores = self.scores(query, key.transpose(-1, -2))
+            if attention_mask is not None:
+                scores = scores + attn.prepare_attention_mask(attention_mask, key.shape[1], batch_size)
+            hidden_states = self.context(self.softmax(scores), value)
+            hidden_states = attn.batch_to_head_dim(hidden_states)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+            if input_ndim == 4:
+                hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+            if attn.residual_connection:
+                hidden_states = hidden_states + residual
+            return hidden_states / attn.rescale_output_factor
+
+    return QuantizableAttnProcessor
+
+
+@contextlib.contextmanager
+def quantizable_scope(module):
+    """Timesteps excluded from aimet + quantizable attention processors; both undone on exit."""
+    from aimet_torch.nn import QuantizationMixin
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.embeddings import Timesteps
+
+    processor_cls = _quantizable_processor_class()
+    saved_ignored = set(QuantizationMixin._ignored_module_types)
+    saved_maps = (dict(QuantizationMixin.cls_to_qcls), dict(QuantizationMixin.qcls_to_cls))
+    attentions = [m for m in module.modules() if isinstance(m, Attention)]
+    saved_processors = [m.processor for m in attentions]
+    try:
+        QuantizationMixin.ignore(Timesteps)
+        for attention in attentions:
+            attention.set_processor(processor_cls())
+        yield
+    finally:
+        for attention, processor in zip(attentions, saved_processors):
+            attention.set_processor(processor)
+        QuantizationMixin._ignored_module_types.clear()
+        QuantizationMixin._ignored_module_types.update(saved_ignored)
+        QuantizationMixin.cls_to_qcls.clear()
+        QuantizationMixin.cls_to_qcls.update(saved_maps[0])
+        QuantizationMixin.qcls_to_cls.clear()
+        QuantizationMixin.qcls_to_cls.update(saved_maps[1])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """aimet logs and warns a lot at INFO/WARNING; keep the build's output readable (errors still raise)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("AimetLogger", "aimet_torch", "aimet_common")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+
+
+def _timestep_quantizer(sim_model) -> str | None:
+    """Give time_embedding.linear_1 a 16-bit input quantizer (its input is the float sinusoidal embedding)."""
+    from aimet_torch.quantization.affine import QuantizeDequantize
+
+    for name, module in sim_model.named_modules():
+        if name.endswith("time_embedding.linear_1") and hasattr(module, "input_quantizers"):
+            module.input_quantizers[0] = QuantizeDequantize((), bitwidth=TIMESTEP_BITS, symmetric=False)
+            return name
+    return None
+
+
+def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
+    import aimet_torch
+    import aimet_torch.onnx as aimet_onnx
+    import torch
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encodings_dir = out_dir.parent / "encodings"
+    encodings_dir.mkdir(parents=True, exist_ok=True)
+
+    def tensors(feeds: dict) -> tuple:
+        return tuple(torch.from_numpy(feeds[name]) for name in job.input_names)
+
+    first = next(iter(job.calibration))
+    example = tensors(first)
+    with _quiet(), tempfile.TemporaryDirectory(prefix=f"cw-aimet-{job.name}-") as tmp:
+        config = Path(tmp) / "quantsim_config.json"
+        config.write_text(json.dumps(SIM_CONFIG), encoding="utf-8")
+        # 1-2. scoped patches, then the sim (a deep copy: the model itself is left untouched)
+        with quantizable_scope(job.module):
+            sim = QuantizationSimModel(job.module, example, default_output_bw=job.activation_bits,
+                                       default_param_bw=settings.weight_bits if settings else 8,
+                                       config_file=str(config))
+        timestep_layer = _timestep_quantizer(sim.model) if "timestep" in job.input_names else None
+
+        # 3. calibration: the adapter from CalibrationData (dicts of arrays) to positional torch tensors
+        def forward_pass(model) -> None:
+            for feeds in job.calibration:
+                model(*tensors(feeds))
+
+        sim.compute_encodings(forward_pass)
+        # 4. exports
+        opset = 21  # 16-bit QDQ needs opset 21, and even an 8-bit graph has the 16-bit timestep quantizer
+        names = {"input_names": job.input_names, "output_names": job.output_names, "dynamo": False}
+        plain = encodings_dir / f"{job.name}.onnx"
+        sim.onnx.export(example, str(plain), encoding_version="1.0.0", opset_version=17, **names)
+        qdq = out_dir / f"{job.name}.onnx"
+        aimet_onnx.export(sim.model, example, str(qdq), opset_version=opset, **names)
+    encodings = encodings_dir / f"{job.name}.encodings"
+    data = json.loads(encodings.read_text(encoding="utf-8"))
+    quantized_modules = sum(1 for m in sim.model.modules() if hasattr(m, "output_quantizers"))
+    return QuantizedGraph(qdq, encodings, {
+        "aimet_torch": aimet_torch.__version__, "encodings_version": data.get("version"),
+        "activation_encodings": len(data.get("activation_encodings", [])),
+        "param_encodings": len(data.get("param_encodings", [])),
+        "quantized_modules": quantized_modules, "timestep_input_quantizer": timestep_layer,
+        "timestep_bits": TIMESTEP_BITS if timestep_layer else None, "encodings_graph": f"encodings/{job.name}.onnx",
+        "opset": opset,
+        "float_functional_ops": "residual adds, concats, attention scale, gelu, interpolate (not modules in diffusers)",
+    })

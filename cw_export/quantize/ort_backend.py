@@ -1,0 +1,129 @@
+"""onnxruntime.quantization backend: static QDQ with onnxruntime's QNN configuration helper.
+
+Steps:
+  1. ``qnn_preprocess_model``: the graph rewrites QNN expects (Erf sequence -> Gelu, ...)
+  2. find the timestep path (nodes computed from ``timestep`` and constants only: the sinusoidal embedding); it stays
+     float, and the tensors leaving it are forced to 16 bits (PLATFORM.md: 8-bit timesteps ruin the embedding)
+  3. ``get_qnn_qdq_config``: INT8 symmetric weights, per-channel for Conv and (through per-tensor overrides) for
+     MatMul/Gemm weights, 8- or 16-bit asymmetric activations; MinMax calibration over ``CalibrationData``
+  4. ``quantize`` -> QDQ ONNX (the graph to deploy)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+
+from . import GraphJob, QuantizedGraph
+
+LARGE_MODEL_BYTES = 1_800_000_000  # above this the quantizer must write external data (protobuf 2 GB limit)
+PER_CHANNEL_LINEAR_OPS = {"MatMul": 1, "Gemm": None}  # weight input axis of output channels (Gemm: from transB)
+
+
+def _constant_names(model) -> set[str]:
+    names = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            names.update(node.output)
+    return names
+
+
+def timestep_path(model, input_name: str = "timestep") -> tuple[list[str], list[str]]:
+    """(node names computed only from ``input_name`` and constants, excluding weight layers; tensors that leave
+    that float path into the quantized graph)."""
+    constants = _constant_names(model)
+    derived = {input_name}
+    nodes = []
+    for node in model.graph.node:  # ONNX nodes are topologically sorted
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Constant" or not inputs:
+            continue
+        if node.op_type in ("MatMul", "Gemm", "Conv"):
+            continue  # weight layers are quantized (their input at 16 bits, see below)
+        if all(i in derived or i in constants for i in inputs) and any(i in derived for i in inputs):
+            derived.update(node.output)
+            nodes.append(node.name)
+    if not nodes:
+        return [], []
+    consumed_outside = set()
+    excluded = set(nodes)
+    for node in model.graph.node:
+        if node.name not in excluded:
+            consumed_outside.update(i for i in node.input if i in derived)
+    return nodes, sorted(consumed_outside - {input_name} if nodes else consumed_outside)
+
+
+def _linear_weight_overrides(model, quant_type) -> dict:
+    """Per-channel symmetric INT8 overrides for MatMul/Gemm initializer weights (onnxruntime's ``per_channel`` flag
+    only covers Conv/ConvTranspose)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    overrides = {}
+    for node in model.graph.node:
+        if node.op_type not in PER_CHANNEL_LINEAR_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if len(weight.dims) != 2:
+            continue
+        axis = PER_CHANNEL_LINEAR_OPS[node.op_type]
+        if axis is None:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 0 if trans_b else 1
+        overrides[node.input[1]] = [{"axis": axis, "quant_type": quant_type, "symmetric": True}]
+    return overrides
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantizer logs advice (opset upgrade, pre-processing) as root WARNINGs; keep builds readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{job.name}.onnx"
+    activation = {8: QuantType.QUInt8, 16: QuantType.QUInt16}[job.activation_bits]
+    large = job.fp32_onnx.stat().st_size > LARGE_MODEL_BYTES
+    with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix=f"cw-ort-{job.name}-") as tmp:
+        # 1. QNN graph rewrites (onnxruntime 1.32's preprocess fails on onnxsim's metadata_props: drop them first)
+        source = onnx.load(str(job.fp32_onnx))
+        del source.metadata_props[:]
+        pre = Path(tmp) / "pre.onnx"
+        if not qnn_preprocess_model(source, str(pre), save_as_external_data=large, all_tensors_to_one_file=True):
+            onnx.save_model(source, str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
+        del source
+        model = onnx.load(str(pre), load_external_data=False)
+        # 2. the timestep path stays float; what leaves it is 16-bit even in an 8-bit graph
+        float_nodes, boundary = timestep_path(model) if "timestep" in job.input_names else ([], [])
+        overrides = {name: [{"quant_type": QuantType.QUInt16}] for name in boundary}
+        overrides.update(_linear_weight_overrides(model, QuantType.QInt8))
+        # 3. QNN configuration
+        job.calibration.rewind()
+        config = get_qnn_qdq_config(
+            str(pre), job.calibration, activation_type=activation, weight_type=QuantType.QInt8,
+            per_channel=True, weight_symmetric=True, init_overrides=overrides, nodes_to_exclude=float_nodes,
+            calibration_providers=["CPUExecutionProvider"])
+        config.use_external_data_format = large
+        # standard opset-21 QuantizeLinear/DequantizeLinear (16-bit capable), not com.microsoft contrib ops: other
+        # tools (onnx shape inference, converters) understand them
+        config.extra_options["UseQDQContribOps"] = False
+        # 4. quantize
+        quantize(str(pre), str(out), config)
+    qdq = onnx.load(str(out), load_external_data=False)
+    return QuantizedGraph(out, None, {
+        "float_nodes": float_nodes, "sixteen_bit_overrides": boundary,
+        "per_channel_linear_weights": len(_linear_weight_overrides(model, QuantType.QInt8)),
+        "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qdq.graph.node),
+        "opset": max(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx")),
+    })

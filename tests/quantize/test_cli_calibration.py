@@ -1,0 +1,57 @@
+"""Bad calibration input fails fast: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from cw_export.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "no prompts"),
+    (b"# only a comment\n\n   \n", "no prompts"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text"),
+    (b"\xff\xfe\xfa bad utf8\n", "not UTF-8 text"),
+])
+def test_bad_calibration_file(tmp_path, capsys, content, message):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    out = tmp_path / "bundle"
+    code, err = run(["--model", "tiny-random", "--target", "snapdragon-int8", "--calibration", str(path),
+                     "--out", str(out), "--quiet"], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_calibration_file(tmp_path, capsys):
+    code, err = run(["--target", "snapdragon-int8", "--calibration", str(tmp_path / "nope.txt"),
+                     "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "no such file" in err
+
+
+def test_quantization_flags_need_a_quantized_target(tmp_path, capsys):
+    path = tmp_path / "p.txt"
+    path.write_text("a cat\n")
+    code, err = run(["--target", "cpu-fp32", "--calibration", str(path), "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "only apply to quantized targets" in err
+
+
+def test_calibration_prompts_must_be_positive(tmp_path, capsys):
+    code, err = run(["--target", "snapdragon-int8", "--calibration-prompts", "0", "--out", str(tmp_path / "b")],
+                    capsys)
+    assert code == 2 and "--calibration-prompts" in err
+
+
+def test_default_target_is_snapdragon_int8():
+    from cw_export.recipe import DEFAULT_TARGET, load_recipe
+
+    assert DEFAULT_TARGET == "snapdragon-int8"
+    recipe = load_recipe(DEFAULT_TARGET)
+    assert recipe.quantized and recipe.quantization.backend == "aimet"
+    assert recipe.parity.final_latent_min_psnr_db > 0 and recipe.parity.graph_min_sqnr_db > 0
