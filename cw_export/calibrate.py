@@ -208,7 +208,7 @@ class CalibrationSet:
 
     def provenance(self) -> dict:
         s = self.settings
-        return {"cache_key": s.key(), "reused_cache": self.reused, "prompts_sha256": s.prompts_sha256,
+        return {"cache_key": s.key(), "prompts_sha256": s.prompts_sha256,  # no run-dependent fields: builds are byte-reproducible
                 "num_prompts": s.num_prompts, "seeds": [s.seed + k for k in range(s.num_prompts)],
                 "steps": s.steps, "clock": s.clock, "guidance_scale": s.guidance_scale, "sampler": s.sampler,
                 "adaptor": s.adaptor, "samples_per_graph_cap": s.samples_per_graph,

@@ -24,7 +24,8 @@ from .errors import InputError
 GIB = 1024**3
 RUNTIME_BASE = 3 * GIB // 2  # libraries + interpreter: a build of the tiny pipeline (7 MB of weights) peaks at
 #                              ~1.3 GiB RSS (/usr/bin/time -v, CPU, torch 2.14)
-EXPORT_COPIES = 4  # copies of one graph's weights alive at once while it is exported, simplified and checked
+EXPORT_COPIES = 2  # extra copies of the largest graph's weights while it is exported and checked: sd15-arch at 512
+#                   measured 11.4 GiB peak (docs/sd15.md), this estimates ~13 GiB
 ACTIVATION_TENSORS = 32  # live level-0 feature maps during a forward (skips, resnet/attention intermediates)
 BATCH = 2  # classifier-free guidance: [uncond, cond]
 FLOAT_BYTES = 4

@@ -78,7 +78,6 @@ def test_generate_full_steps_matches_the_clocked_reference_at_clock_1():
     from cw_export.evaluate.generate import generate_images
     from cw_export.models.pipeline import build_tiny_random_model
 
-    torch.set_num_threads(1)
     model = build_tiny_random_model()
     captions = ["a red circle on the left", "a small blue square at the top"]
     full = generate_images(model, captions, seed=3, steps=3, clock=1)
@@ -100,7 +99,6 @@ def test_committed_builtin_pipeline_loads_and_splits():
     from cw_export.models.pipeline import load_model_folder
     from cw_export.split import split_unet
 
-    torch.set_num_threads(1)
     model = load_model_folder(BUILTIN_DIR)
     size = sum(p.stat().st_size for p in BUILTIN_DIR.rglob("*") if p.is_file())
     assert size < 30 * 2**20

@@ -127,7 +127,9 @@ def _quiet():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
-    loggers = [logging.getLogger(name) for name in ("AimetLogger", "aimet_torch", "aimet_common")]
+    # aimet logs through many area loggers ("Quant", "Utils", "ConnectedGraph", ...) with their own handlers
+    names = {"AimetLogger", "aimet_torch", "aimet_common", *logging.root.manager.loggerDict}
+    loggers = [logging.getLogger(name) for name in sorted(names)]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from reliability_helpers import assert_nothing_written, assert_user_error
 
-BUILD = ("--model", "tiny-random", "--quiet")
+BUILD = ("--model", "tiny-random", "--target", "cpu-fp32", "--quiet")  # a later --model/--target wins
 
 
 # --- build: flags and recipes (rejected before the model is loaded) ----------------------------------------------
@@ -171,7 +171,7 @@ def test_broken_model_folders(cw, model_folder, tmp_path, damage, fragment):
     folder = _damaged_model(model_folder, tmp_path, damage)
     out = tmp_path / "out"
     out.mkdir()
-    assert_user_error(cw("--model", folder, "--quiet", "--out", out / "bundle"), fragment)
+    assert_user_error(cw(*BUILD, "--model", folder, "--out", out / "bundle"), fragment)
     assert_nothing_written(out)
 
 
@@ -187,7 +187,7 @@ def test_unet_with_too_few_resolution_levels(cw, tiny_model, tmp_path):
                         tmp_path / "model")
     out = tmp_path / "out"
     out.mkdir()
-    assert_user_error(cw("--model", folder, "--quiet", "--out", out / "bundle"),
+    assert_user_error(cw(*BUILD, "--model", folder, "--out", out / "bundle"),
                       "UNet has 2 resolution levels; the Clockwork split needs at least 3")
     assert_nothing_written(out)
 

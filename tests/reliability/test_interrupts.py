@@ -57,7 +57,8 @@ class PausedProcess:
 
 
 def build_args(out: Path, *extra: str) -> list[str]:
-    return ["-m", "cw_export.cli", "--model", "tiny-random", "--quiet", "--out", str(out), *extra]
+    return ["-m", "cw_export.cli", "--model", "tiny-random", "--target", "cpu-fp32", "--quiet", "--out", str(out),
+            *extra]
 
 
 @dataclass
@@ -127,7 +128,8 @@ def test_next_run_cleans_up(killed, make_fp32_bundle, cw):
     assert sorted(p.name for p in fresh.iterdir()) == ["bundle"]
     assert verify_bundle(bundle, read_manifest(bundle)) == []
     assert temps_in(replace), "the killed --overwrite left its temporary folder"
-    assert_user_error(cw("--model", "tiny-random", "--quiet", "--out", replace / "bundle"), "already exists")
+    assert_user_error(cw("--model", "tiny-random", "--target", "cpu-fp32", "--out", replace / "bundle"),
+                      "already exists")
     assert sorted(p.name for p in replace.iterdir()) == ["bundle"]
 
 

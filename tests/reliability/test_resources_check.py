@@ -28,7 +28,7 @@ def test_estimate_of_sd15_is_in_the_range_such_exports_need():
     small = torch.nn.Linear(1, 1)
     model = SimpleNamespace(unet=unet, text_encoder=small, vae=small)
     estimate = rc.estimate_build_peak_bytes(model, (64, 64)) / rc.GIB
-    assert 15 < estimate < 30, estimate
+    assert 11 < estimate < 20, estimate  # the whole sd15-arch build measured an 11.4 GiB peak (docs/sd15.md)
 
 
 def test_mem_available_is_read_from_meminfo(tmp_path):
