@@ -18,29 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from .cache import META_NAME, cache_root, cached_entry
+
 from .runtime.pipeline import BundleRunner
 from .runtime.schedule import step_kinds
 
 CALIBRATION_FORMAT = 1  # bump when the on-disk layout or the capture changes: old cache entries are then ignored
-CACHE_ENV = "CW_EXPORT_CACHE"
-META_NAME = "meta.json"
 
 TextEncoder = Callable[[str], tuple[np.ndarray, np.ndarray]]
-
-
-def cache_root() -> Path:
-    """``$CW_EXPORT_CACHE`` or ``~/.cache/cw-export``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cw-export"
 
 
 # -- graphs as sessions --------------------------------------------------------------------------------------------
@@ -231,23 +222,9 @@ def collect(manifest: dict, graphs: dict, encode: TextEncoder, prompts: list[str
     a prompt into (encoder_hidden_states, pooled_text) for [uncond, cond].
     """
     root = (cache or cache_root()) / "calibration"
-    folder = root / settings.key()
-    if (folder / META_NAME).is_file():
-        return _open(folder, settings, reused=True)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{settings.key()}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        meta = _capture(manifest, graphs, encode, prompts, settings, tmp, progress)
-        (tmp / META_NAME).write_text(json.dumps(meta, sort_keys=True, indent=1), encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another build filled the same entry meanwhile: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _open(folder, settings, reused=False)
+    folder, reused = cached_entry(
+        root, settings.key(), lambda tmp: _capture(manifest, graphs, encode, prompts, settings, tmp, progress))
+    return _open(folder, settings, reused=reused)
 
 
 def _capture(manifest: dict, graphs: dict, encode: TextEncoder, prompts: list[str], settings: CalibrationSettings,

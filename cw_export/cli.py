@@ -23,16 +23,20 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"{self.prog}: {message}")
 
 
-def _positive_int(name: str):
+def _int_at_least(name: str, minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{text}'") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
         return value
     return parse
+
+
+def _positive_int(name: str):
+    return _int_at_least(name, 1)
 
 
 def _finite_float(name: str):
@@ -48,15 +52,7 @@ def _finite_float(name: str):
 
 
 def _nonnegative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{text}'") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
-        return value
-    return parse
+    return _int_at_least(name, 0)
 
 
 def _add_schedule_flags(parser: argparse.ArgumentParser) -> None:

@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..cache import META_NAME, cache_root, cached_entry
 from ..progress import progress_bar
 from ..runtime.schedule import CLOCKED, step_kinds
 
 DATA_FORMAT = 1  # bump when the layout or the capture changes: old cache entries are then ignored
-META_NAME = "meta.json"
 INPUTS = ("r_in", "r_out_prev", "temb", "pooled_text")  # the adaptor graph's inputs, in its argument order
 TARGET = "r_out"
 ARRAYS = (*INPUTS, TARGET)
@@ -147,34 +144,13 @@ class TeacherData:
         return out
 
 
-def cache_root() -> Path:
-    """The build cache shared with calibration (``$CW_EXPORT_CACHE`` or ``~/.cache/cw-export``)."""
-    from ..calibrate import cache_root as shared_cache_root
-
-    return shared_cache_root()
-
-
 def collect_teacher_data(model, prompts: list[str], settings: TeacherSettings, cache: Path | None = None,
                          device: torch.device | str = "cpu", progress: bool = False) -> TeacherData:
     """The teacher pairs of ``settings``: from the cache when present, else unrolled now (and cached)."""
     root = Path(cache or cache_root()) / "distill-data"
-    folder = root / settings.key()
-    if (folder / META_NAME).is_file():
-        return TeacherData(folder, settings, reused=True)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{settings.key()}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        meta = _unroll(model, prompts, settings, tmp, torch.device(device), progress)
-        (tmp / META_NAME).write_text(json.dumps(meta, sort_keys=True, indent=1), encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process filled the same entry meanwhile: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return TeacherData(folder, settings, reused=False)
+    folder, reused = cached_entry(
+        root, settings.key(), lambda tmp: _unroll(model, prompts, settings, tmp, torch.device(device), progress))
+    return TeacherData(folder, settings, reused=reused)
 
 
 def _unroll(model, prompts: list[str], settings: TeacherSettings, out: Path, device: torch.device,

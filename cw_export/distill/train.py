@@ -261,7 +261,7 @@ def distill_for_build(model, recipe, latent_hw: tuple[int, int], progress: bool 
     import hashlib
     import json
 
-    from .data import cache_root
+    from ..cache import cache_root
 
     b = recipe.build
     options = replace(BUILD_DEFAULTS, model=model.source.get("name") or model.source.get("path", ""),
