@@ -117,8 +117,12 @@ def test_existing_bundle_needs_overwrite_and_survives_failed_rebuild(fp32_bundle
     assert not verify_bundle(out, read_manifest(out))
 
 
-def test_build_is_deterministic(fp32_bundle, tmp_path, make_fp32_bundle):
+def test_build_is_deterministic(tmp_path, make_fp32_bundle):
+    """Two builds back to back, same inputs and process state: byte-identical graphs and manifest.
+
+    (The recorded torch-vs-ORT parity numbers are measurements and move in the last digits when torch's thread
+    settings differ, so both builds run here rather than comparing with the session fixture.)"""
+    first = make_fp32_bundle(tmp_path / "first")
     second = make_fp32_bundle(tmp_path / "again")
-    first_files = read_manifest(fp32_bundle)["files"]
-    assert read_manifest(second)["files"] == first_files
-    assert (second / "manifest.json").read_bytes() == (fp32_bundle / "manifest.json").read_bytes()
+    assert read_manifest(second)["files"] == read_manifest(first)["files"]
+    assert (second / "manifest.json").read_bytes() == (first / "manifest.json").read_bytes()
