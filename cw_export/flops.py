@@ -73,7 +73,7 @@ def _custom_mapping() -> dict:
 def count_module(module, inputs: tuple) -> tuple[GraphCost, object]:
     """Run ``module(*inputs)`` under FlopCounterMode; returns (cost, outputs).
 
-    Parameters are those of the submodules that actually ran (the split's parts hold a reference to the whole UNet).
+    Parameters are those of the submodules that actually ran (a module may hold parts it does not run).
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode

@@ -47,19 +47,23 @@ class HighResIn(nn.Module):
 
     def __init__(self, unet) -> None:
         super().__init__()
-        self.unet = unet
+        # only the modules this part runs, so its parameters (export size, FLOP/param counts) are its own
+        self.time_proj = unet.time_proj
+        self.time_embedding = unet.time_embedding
+        self.time_embed_act = unet.time_embed_act
+        self.conv_in = unet.conv_in
+        self.down_block = unet.down_blocks[0]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        unet = self.unet
         # 1. time (diffusers UNet2DConditionModel.forward, phase 1)
-        t_emb = unet.time_proj(timestep).to(dtype=sample.dtype)
-        temb = unet.time_embedding(t_emb)
-        if unet.time_embed_act is not None:
-            temb = unet.time_embed_act(temb)
+        t_emb = self.time_proj(timestep).to(dtype=sample.dtype)
+        temb = self.time_embedding(t_emb)
+        if self.time_embed_act is not None:
+            temb = self.time_embed_act(temb)
         # 2. pre-process
-        sample = unet.conv_in(sample)
+        sample = self.conv_in(sample)
         # 3. down, level 0 only; its last residual is the downsampler output = r_in (the cut).
-        block = unet.down_blocks[0]
+        block = self.down_block
         if _has_cross_attention(block):
             r_in, residuals = block(hidden_states=sample, temb=temb, encoder_hidden_states=encoder_hidden_states)
         else:
