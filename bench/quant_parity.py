@@ -48,13 +48,15 @@ def run_cell(args, recipe_name: str, backend: str, work: Path) -> dict:
             "min_step_psnr": min(r["latent_psnr_db"] for r in parity["steps"]),
             "final_psnr": parity["final_latent_psnr_db"],
             "worst_ratio": max(parity["steps"], key=lambda r: abs(r["guidance_ratio"] - 1))["guidance_ratio"],
+            "image_psnr_vs_clockwork": parity.get("image", {}).get("vs_clockwork_fp32", {}).get("psnr_db"),
+            "image_psnr_vs_full": parity.get("image", {}).get("vs_full_fp32", {}).get("psnr_db"),
             "gate": "pass" if parity["gate"]["passed"] else "FAIL"}
 
 
 def table(rows: list[tuple[str, str, dict]]) -> str:
     graphs = [g for g in GRAPHS if any(g in r.get("sqnr", {}) for _, _, r in rows)]
     head = ["recipe", "backend", *[f"{g} SQNR dB" for g in graphs], "min step PSNR dB", "final latent PSNR dB",
-            "worst guidance ratio", "gate", "precision", "build s"]
+            "worst guidance ratio", "image PSNR dB vs clockwork FP32 / vs full FP32", "gate", "precision", "build s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for recipe, backend, r in rows:
         if "error" in r:
@@ -63,9 +65,15 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
         precision = ", ".join(f"{g}={p}" for g, p in r["precision"].items())
         lines.append("| " + " | ".join([recipe, backend, *[f"{r['sqnr'].get(g, float('nan')):.2f}" for g in graphs],
                                          f"{r['min_step_psnr']:.2f}", f"{r['final_psnr']:.2f}",
-                                         f"{r['worst_ratio']:.4f}", r["gate"], precision,
+                                         f"{r['worst_ratio']:.4f}", _image(r), r["gate"], precision,
                                          f"{r['seconds']:.0f}"]) + " |")
     return "\n".join(lines)
+
+
+def _image(r: dict) -> str:
+    if r.get("image_psnr_vs_clockwork") is None:
+        return "-"
+    return f"{r['image_psnr_vs_clockwork']:.2f} / {r['image_psnr_vs_full']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,10 +99,17 @@ def main(argv: list[str] | None = None) -> int:
                     result = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"}
                 rows.append((short, backend, result))
                 print(short, backend, json.dumps(result), flush=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    args.out.write_text(f"<!-- produced by: {command} -->\n\n{table(rows)}\n", encoding="utf-8")
+                write(args, argv, rows)  # after every cell: a long run stopped early keeps what it measured
     print(f"written: {args.out}")
     return 0
+
+
+def write(args, argv: list[str] | None, rows: list) -> None:
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    args.out.write_text(f"<!-- produced by: {command} -->\n\n{table(rows)}\n", encoding="utf-8")
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "cells": [
+        {"recipe": recipe, "backend": backend, **result} for recipe, backend, result in rows]}, indent=1) + "\n",
+        encoding="utf-8")
 
 
 if __name__ == "__main__":

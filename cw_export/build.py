@@ -6,8 +6,9 @@ Steps:
   3. make example inputs from a real prompt and the first denoising step
   4. export every graph to ONNX and measure torch-vs-onnxruntime parity
   5. quantized targets only (cw_export.quantize.stages): calibrate on FP32 trajectories -> quantize each UNet-side
-     graph (a8 sensitivity sweep where the recipe asks) -> parity in onnxruntime on held-out prompts, gated
-  6. write tokenizer files and manifest.json; list every file with sha256 and size
+     graph (a8 sensitivity sweep where the recipe asks) -> parity in onnxruntime on held-out prompts, gated;
+     with --soc, QNN context binaries of the quantized graphs (cw_export.context_binaries)
+  6. write tokenizer files, report.html, README.md (hand-off) and manifest.json; list every file with sha256 and size
 The whole bundle is built in a temporary folder and renamed into place only when every step succeeded.
 """
 
@@ -27,6 +28,7 @@ from .atomic import atomic_directory, check_output_path, clean_stale_temps, paus
 from .errors import InputError, ParityError
 from .export import ExportResult, export_graph
 from .graphs import TextEncoderGraph, VaeDecoderGraph
+from .handoff import write_handoff
 from .models.pipeline import SDModel, check_model_spec, load_model, write_tokenizer_files
 from .progress import progress_bar
 from .recipe import Recipe
@@ -52,6 +54,7 @@ class BuildOptions:
     adaptor_checkpoint: Path | None = None
     progress: bool = True
     allow_low_parity: bool = False  # write a quantized bundle even if it misses the recipe's parity thresholds
+    socs: tuple[str, ...] = ()  # --soc: compile QNN context binaries for these SoCs (cw_export.context_binaries)
 
 
 def check_build_settings(recipe: Recipe) -> None:
@@ -250,7 +253,12 @@ def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
 
         check_settings(recipe.quantization)
         check_prompt_sources(recipe)
-    with progress_bar(total=4 + 3 * recipe.quantized, enabled=options.progress, desc="build", unit="stage") as stages:
+    if options.socs:
+        from .context_binaries import check_context_settings
+
+        check_context_settings(tuple(options.socs), recipe.quantized)
+    total = 4 + 3 * recipe.quantized + bool(options.socs)
+    with progress_bar(total=total, enabled=options.progress, desc="build", unit="stage") as stages:
         return _build(recipe, options, out, stages)
 
 
@@ -282,7 +290,14 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
             manifest["adaptor"].update(adaptor_checkpoint.provenance())
         if recipe.quantized:
             quantize_bundle(model, recipe, manifest, tmp, adaptor_state, options, stages)
+        if options.socs:
+            from .context_binaries import context_stage
+
+            stages.set_postfix_str("context binaries")
+            context_stage(tmp, manifest, tuple(options.socs), options.progress)
+            stages.update()
         write_report(tmp, manifest)  # report.html is a bundle file: written before the file list (cw_export.report)
+        write_handoff(tmp, manifest)  # README.md for app teams, also listed with its sha256 (cw_export.handoff)
         manifest["files"] = list_files(tmp)
         (tmp / MANIFEST_NAME).write_bytes(manifest_bytes(manifest))
         pause_point("manifest")
@@ -304,7 +319,7 @@ def quantize_bundle(model: SDModel, recipe: Recipe, manifest: dict, bundle: Path
     placed = q.quantize_stage(recipe, manifest, graphs, calibration, bundle, options.progress)
     stages.update()
     stages.set_postfix_str("parity")
-    q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity)
+    q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity, bundle)
     stages.update()
 
 

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--quant-backend", choices=["aimet", "ort"], help="quantization backend (default: recipe)")
     quant.add_argument("--allow-low-parity", action="store_true",
                        help="write the bundle even if it misses the recipe's parity thresholds (recorded)")
+    quant.add_argument("--soc", action="append", metavar="NAME",
+                       help="also compile each quantized graph to a QNN context binary for this Snapdragon SoC "
+                       "(e.g. SM8650; repeatable or comma-separated; known SoCs: recipes/socs.toml); a graph that "
+                       "does not place fully on the HTP fails the build (docs/qnn_htp.md)")
     return parser
 
 
@@ -96,6 +100,8 @@ def _apply_quantization_flags(recipe, args):
                                       ("--quant-backend", args.quant_backend)) if value is not None]
     if args.allow_low_parity:
         given.append("--allow-low-parity")
+    if args.soc:
+        given.append("--soc")
     if given and not recipe.quantized:
         raise InputError(f"{', '.join(given)} only apply to quantized targets; target '{recipe.name}' is FP32")
     calibration = None
@@ -151,6 +157,9 @@ def model_parser() -> argparse.ArgumentParser:
 
 def cmd_build(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)  # before importing torch: a mistyped flag fails in a fraction of a second
+    from .context_binaries import parse_socs
+
+    socs = parse_socs(args.soc)  # an unknown SoC fails here, before any heavy work
 
     from .build import BuildOptions, build_bundle
     from .recipe import load_recipe
@@ -161,7 +170,7 @@ def cmd_build(argv: list[str]) -> int:
     recipe = _apply_quantization_flags(recipe, args)
     out = build_bundle(recipe, BuildOptions(model=args.model, out=args.out, overwrite=args.overwrite,
                                             adaptor_checkpoint=args.adaptor_checkpoint, progress=not args.quiet,
-                                            allow_low_parity=args.allow_low_parity))
+                                            allow_low_parity=args.allow_low_parity, socs=socs))
     print(f"bundle written: {out}")
     return 0
 
@@ -208,7 +217,8 @@ def inspect_parser() -> argparse.ArgumentParser:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cw-export report", description="Regenerate a bundle's report.html.")
+    parser = _Parser(prog="cw-export report", description="Regenerate a bundle's report.html (and, in place, its "
+                     "hand-off README.md).")
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path, help="write the report here instead of into the bundle")
     return parser
@@ -223,7 +233,13 @@ def cmd_inspect(argv: list[str]) -> int:
 def cmd_report(argv: list[str]) -> int:
     from .report import report_command
 
-    return report_command(report_parser().parse_args(argv))
+    args = report_parser().parse_args(argv)
+    code = report_command(args)
+    if args.out is None:  # in place: the bundle's hand-off README.md is regenerated too
+        from .handoff import refresh_handoff
+
+        refresh_handoff(args.bundle)
+    return code
 
 
 def distill_parser() -> argparse.ArgumentParser:

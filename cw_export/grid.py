@@ -26,16 +26,6 @@ class GridResult:
     rows: list[list[np.ndarray]]
 
 
-def _torch_image(model, latents: np.ndarray) -> np.ndarray:
-    import torch
-
-    from .runtime.image import to_uint8
-
-    with torch.no_grad():
-        image = model.vae.decode(torch.from_numpy(latents) / model.vae.config.scaling_factor).sample
-    return to_uint8((image / 2 + 0.5).clamp(0, 1).numpy())
-
-
 def _bundle_columns(bundle: Path, manifest: dict) -> dict[str, BundleRunner]:
     from .runtime.sessions import PROVIDERS
 
@@ -54,7 +44,7 @@ def make_grid(bundle: str | Path, prompts: list[str], seed: int, source_model=No
     import torch
 
     from .models.pipeline import load_model
-    from .reference import text_embeddings, torch_trajectory
+    from .reference import decode_image, text_embeddings, torch_trajectory
 
     if not prompts:
         raise InputError("the grid needs at least one prompt")
@@ -82,7 +72,7 @@ def make_grid(bundle: str | Path, prompts: list[str], seed: int, source_model=No
         for clock in (1, schedule["clock"]):
             ref = torch_trajectory(source_model, hidden, torch.from_numpy(noise), schedule["steps"], clock,
                                    manifest["guidance_scale"], manifest["sampler"]["name"])
-            row.append(_torch_image(source_model, ref.latents))
+            row.append(decode_image(source_model, ref.latents))
         for runner in runners.values():
             h, p = runner.encode_prompt(prompt)
             row.append(runner.decode(runner.generate(h, p, noise).latents))

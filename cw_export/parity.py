@@ -14,6 +14,8 @@ Thresholds come from the recipe's [parity] section; ``gate`` names the worst gra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +39,8 @@ class _Pooled:
     def __init__(self) -> None:
         self.signal: dict[str, float] = {}
         self.noise: dict[str, float] = {}
+        self.guidance_signal: dict[str, float] = {}
+        self.guidance_noise: dict[str, float] = {}
         self.samples = 0
 
     def add(self, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> None:
@@ -46,10 +50,18 @@ class _Pooled:
             err = actual[name].astype(np.float64) - ref
             self.signal[name] = self.signal.get(name, 0.0) + float(np.sum(ref**2))
             self.noise[name] = self.noise.get(name, 0.0) + float(np.sum(err**2))
+            if ref.ndim and ref.shape[0] == 2:  # batch [uncond, cond]: the direction guidance amplifies
+                diff = ref[1] - ref[0]
+                self.guidance_signal[name] = self.guidance_signal.get(name, 0.0) + float(np.sum(diff**2))
+                self.guidance_noise[name] = self.guidance_noise.get(name, 0.0) + float(np.sum((err[1] - err[0])**2))
 
     def result(self) -> dict:
         outputs = {name: _db(self.signal[name], self.noise[name]) for name in sorted(self.signal)}
-        return {"sqnr_db": min(outputs.values()), "outputs": outputs, "samples": self.samples}
+        out = {"sqnr_db": min(outputs.values()), "outputs": outputs, "samples": self.samples}
+        if self.guidance_signal:  # SQNR of cond - uncond: noise there is multiplied by the guidance scale
+            out["guidance_sqnr_db"] = min(_db(self.guidance_signal[n], self.guidance_noise[n])
+                                          for n in self.guidance_signal)
+        return out
 
 
 def graph_sqnr(session, reference, samples) -> dict:
@@ -61,8 +73,46 @@ def graph_sqnr(session, reference, samples) -> dict:
     return pooled.result()
 
 
-def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts: list[str], seed: int) -> dict:
-    """All parity numbers for ``quantized`` (graph name -> ORT session) against ``fp32_graphs`` (TorchGraphs)."""
+@dataclass
+class ImageReferences:
+    """What end-to-end image parity needs beyond the graphs: the unclocked FP32 pipeline and two decoders.
+
+    ``full_fp32(hidden, noise)`` -> final latents of the FP32 UNet without clocking (diffusers' scheduler + the
+    original UNet, i.e. StableDiffusionPipeline with the same noise); ``decode_fp32`` decodes with the torch VAE;
+    ``decode_bundle`` with the bundle's own vae_decoder graph in onnxruntime (what the phone will show).
+    """
+
+    full_fp32: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    decode_fp32: Callable[[np.ndarray], np.ndarray]
+    decode_bundle: Callable[[np.ndarray], np.ndarray]
+
+
+def _image_pair(reference: list[np.ndarray], actual: list[np.ndarray]) -> dict:
+    """PSNR (MSE pooled over prompts) and mean SSIM of uint8 images."""
+    from .runtime.image import ssim
+
+    mse = np.mean([np.mean((r.astype(np.float64) - a.astype(np.float64)) ** 2) for r, a in zip(reference, actual)])
+    return {"psnr_db": _db(255.0**2, float(mse)),
+            "ssim": round(float(np.mean([ssim(r, a) for r, a in zip(reference, actual)])), 5)}
+
+
+def image_parity(images: ImageReferences, hidden_states: list[np.ndarray], noises: list[np.ndarray],
+                 clocked_fp32: list[np.ndarray], quantized: list[np.ndarray]) -> dict:
+    """Image parity of the quantized clocked bundle vs FP32 unclocked and FP32 clocked, per held-out prompt."""
+    full = [images.decode_fp32(images.full_fp32(h, n)) for h, n in zip(hidden_states, noises)]
+    clocked = [images.decode_fp32(x) for x in clocked_fp32]
+    ours = [images.decode_bundle(x) for x in quantized]
+    return {"vs_full_fp32": _image_pair(full, ours), "vs_clockwork_fp32": _image_pair(clocked, ours),
+            "clockwork_fp32_vs_full_fp32": _image_pair(full, clocked),
+            "definition": "uint8 RGB; PSNR = 10*log10(255^2 / MSE), MSE pooled over prompts; SSIM: mean of 7x7 "
+                          "windows on grey levels, averaged over prompts; references decoded by the torch VAE, the "
+                          "bundle's images by its vae_decoder graph in onnxruntime"}
+
+
+def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts: list[str], seed: int,
+            images: ImageReferences | None = None) -> dict:
+    """All parity numbers for ``quantized`` (graph name -> ORT session) against ``fp32_graphs`` (TorchGraphs);
+    with ``images``, also end-to-end image parity (``image_parity``)."""
     reference_runner = GraphRunner(manifest, fp32_graphs)
     quantized_runner = GraphRunner(manifest, {**fp32_graphs, **quantized})
     pooled = {graph: _Pooled() for graph in quantized}
@@ -71,6 +121,7 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts:
     latent_peak = np.zeros(steps)
     ratios = np.zeros(steps)
     kinds: list[str] = []
+    finals: dict[str, list[np.ndarray]] = {"hidden": [], "noise": [], "fp32": [], "quantized": []}
     for k, prompt in enumerate(prompts):
         hidden, pooled_text = encode(prompt)
         noise = unit_noise(manifest["latent"]["shape"], seed + k)
@@ -86,6 +137,10 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts:
         ref = reference_runner.generate(hidden, pooled_text, noise, on_step=on_step)
         ours = quantized_runner.generate(hidden, pooled_text, noise)
         kinds = ref.kinds
+        if images is not None:
+            for key, value in (("hidden", hidden), ("noise", noise), ("fp32", ref.latents),
+                               ("quantized", ours.latents)):
+                finals[key].append(value)
         for i in range(steps):
             a, b = ref.step_latents[i].astype(np.float64), ours.step_latents[i].astype(np.float64)
             latent_noise[i] += float(np.sum((a - b) ** 2))
@@ -97,12 +152,16 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts:
         psnr = _db(latent_peak[i] ** 2, latent_noise[i] / size)
         step_rows.append({"step": i, "kind": kinds[i], "latent_psnr_db": psnr,
                           "guidance_ratio": round(float(ratios[i] / len(prompts)), 5)})
-    return {
+    numbers = {
         "prompts": list(prompts), "seeds": [seed + k for k in range(len(prompts))],
         "graphs": {graph: p.result() for graph, p in sorted(pooled.items())},
         "steps": step_rows, "final_latent_psnr_db": step_rows[-1]["latent_psnr_db"],
         "psnr_definition": "10*log10(max|fp32 latent|^2 / MSE), MSE pooled over prompts",
     }
+    if images is not None:
+        numbers["image"] = image_parity(images, finals["hidden"], finals["noise"], finals["fp32"],
+                                        finals["quantized"])
+    return numbers
 
 
 def failures(numbers: dict, thresholds) -> list[str]:
@@ -124,6 +183,13 @@ def failures(numbers: dict, thresholds) -> list[str]:
     if thresholds.final_latent_min_psnr_db > 0 and final < thresholds.final_latent_min_psnr_db:
         found.append(f"final latent PSNR {numbers['final_latent_psnr_db']:.2f} dB < "
                      f"{thresholds.final_latent_min_psnr_db:g} dB")
+    image = numbers.get("image", {}).get("vs_clockwork_fp32")
+    image_min = getattr(thresholds, "image_min_psnr_db", 0)
+    if image is not None and image_min > 0 and image["psnr_db"] < image_min:
+        found.append(f"image PSNR vs clockwork FP32 {image['psnr_db']:.2f} dB < {image_min:g} dB")
+    ssim_min = getattr(thresholds, "image_min_ssim", 0)
+    if image is not None and ssim_min > 0 and image["ssim"] < ssim_min:
+        found.append(f"image SSIM vs clockwork FP32 {image['ssim']:.4f} < {ssim_min:g}")
     if thresholds.guidance_ratio_tolerance > 0:
         worst = max(rows, key=lambda r: abs(r["guidance_ratio"] - 1.0))
         if abs(worst["guidance_ratio"] - 1.0) > thresholds.guidance_ratio_tolerance:
@@ -155,4 +221,11 @@ def compare(recorded: dict, remeasured: dict) -> list[str]:
         if abs(rec["guidance_ratio"] - new["guidance_ratio"]) > REMEASURE_RATIO_TOLERANCE:
             diffs.append(f"step {rec['step'] + 1} guidance ratio {rec['guidance_ratio']} recorded, "
                          f"{new['guidance_ratio']} measured")
+    for pair, rec in recorded.get("image", {}).items():
+        new = remeasured.get("image", {}).get(pair)
+        if not isinstance(rec, dict):
+            continue
+        if new is None or abs(new["psnr_db"] - rec["psnr_db"]) > REMEASURE_DB_TOLERANCE \
+                or abs(new["ssim"] - rec["ssim"]) > REMEASURE_RATIO_TOLERANCE:
+            diffs.append(f"image {pair} {rec} recorded, {new} measured")
     return diffs

@@ -45,6 +45,8 @@ class QuantizationSection:
     activation_bits: dict = field(default_factory=dict)  # graph name -> 8 or 16; a graph not named gets 16 (safe)
     a8_candidates: list = field(default_factory=list)  # graphs tried at 8-bit activations (per-graph sensitivity sweep)
     a8_min_sqnr_db: float = 0.0  # a candidate keeps 8-bit activations only if its SQNR on calibration data is >= this
+    a8_min_guidance_sqnr_db: float = 0.0  # ... and the SQNR of its outputs' cond - uncond difference >= this
+    a8_layer_sweep: str = "off"  # off, block or layer: a candidate that fails whole gets 8 bits per block/layer
     calibration_set: str = "default"  # builtin prompt set name or a prompt file (--calibration FILE overrides it)
     calibration_prompts: int = 16  # prompts taken from the set: budget of FP32 trajectories (--calibration-prompts)
     calibration_samples: int = 64  # cap of stored input samples per graph, stratified across the steps it runs at
@@ -60,6 +62,8 @@ class ParitySection:
     step_min_psnr_db: float = 0.0  # latent PSNR at every step, quantized vs FP32 clocked trajectory; 0 disables
     final_latent_min_psnr_db: float = 0.0  # quantized clocked bundle vs FP32 clocked torch; 0 disables
     guidance_ratio_tolerance: float = 0.0  # max |std(cond-uncond) quantized / FP32 - 1| at any step; 0 disables
+    image_min_psnr_db: float = 0.0  # decoded image, quantized bundle vs FP32 clockwork (uint8 PSNR); 0 disables
+    image_min_ssim: float = 0.0  # ... and its SSIM; 0 disables (vs the unclocked pipeline: recorded, not gated)
     heldout_set: str = "heldout"  # prompts parity is measured on: never the calibration prompts
     heldout_prompts: int = 4  # how many held-out prompts (each one FP32 + one quantized trajectory)
     seed: int = 1000  # held-out prompt k starts from unit noise seeded with seed + k (recorded)
@@ -107,8 +111,11 @@ SECTIONS = {"build": BuildSection, "export": ExportSection, "quantization": Quan
 TOP_LEVEL = {"name", "description", "schema_version", *SECTIONS}
 
 
+DATA_FILES = {"socs"}  # recipes/ also holds tables that are not targets (socs.toml: cw_export.context_binaries)
+
+
 def available_targets() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml") if p.stem not in DATA_FILES)
 
 
 def _section(name: str, cls, data: object, source: str):
@@ -153,7 +160,7 @@ def load_recipe(target: str) -> Recipe:
     path = Path(target)
     if not (path.suffix == ".toml" and path.is_file()):
         path = RECIPES_DIR / f"{target}.toml"
-    if not path.is_file():
+    if not path.is_file() or (path.parent == RECIPES_DIR and path.stem in DATA_FILES):
         raise RecipeError(f"unknown target '{target}'; available: {', '.join(available_targets())}")
     try:
         text = path.read_text(encoding="utf-8")

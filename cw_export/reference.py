@@ -134,6 +134,15 @@ def torch_split_trajectory(
     return trajectory
 
 
+def decode_image(model, latents: np.ndarray) -> np.ndarray:
+    """Final latents -> [H, W, 3] uint8 RGB through the torch VAE (the FP32 reference image)."""
+    from .runtime.image import to_uint8
+
+    with torch.no_grad():
+        image = model.vae.decode(torch.from_numpy(latents) / model.vae.config.scaling_factor).sample
+    return to_uint8((image / 2 + 0.5).clamp(0, 1).numpy())
+
+
 def text_embeddings(model, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(encoder_hidden_states, pooled) for [uncond, cond], as diffusers' pipeline encodes them."""
     ids = model.tokenize([negative_prompt, prompt])

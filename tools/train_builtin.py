@@ -251,7 +251,7 @@ def train_unet(args, vae, unet, text_encoder, tokenizer) -> None:
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
-        warm = min(1.0, (step - warm_from + 1) / 200)
+        warm = min(1.0, (step - warm_from + 1) / 200) * lr_tail_factor(budget - (time.time() - t0), args)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * warm
         pred = unet(noisy, t, cond).sample
@@ -276,6 +276,15 @@ def train_unet(args, vae, unet, text_encoder, tokenizer) -> None:
     save()
     append_log(args.workdir / "loss_unet.json", records)
     log(f"unet: stopped at step {step} after {(time.time() - t0) / 60:.1f} min")
+
+
+def lr_tail_factor(seconds_left: float, args) -> float:
+    """Linear learning-rate decay to 10% over the last --decay-minutes of the budget: at a constant 1e-3 the
+    loss plateaued around 0.045 with +-0.003 step-to-step noise, which a smaller final step size averages out."""
+    tail = args.decay_minutes * 60.0
+    if tail <= 0 or seconds_left >= tail:
+        return 1.0
+    return 0.1 + 0.9 * max(0.0, seconds_left) / tail
 
 
 # 4. phase export
@@ -308,6 +317,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--unet-steps", type=int, default=10**9)
     p.add_argument("--unet-minutes", type=float, default=85.0, help="wall-clock budget of the unet phase (total)")
+    p.add_argument("--decay-minutes", type=float, default=0.0,
+                   help="decay the learning rate linearly to 10%% over the last N minutes of the budget")
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--text-lr", type=float, default=5e-4)

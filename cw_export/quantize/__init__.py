@@ -23,6 +23,7 @@ BACKENDS: dict[str, str] = {
 }
 ACTIVATION_BITS = (8, 16)
 WEIGHT_BITS = (8,)
+LAYER_SWEEPS = ("off", "block", "layer")  # granularity of the per-layer a8 sweep (cw_export.quantize.mixed)
 QUANTIZED_GRAPHS = ("high_res_in", "low_res", "adaptor", "high_res_out")  # text_encoder stays FP32 (own issue)
 FP32_REASONS = {  # why a graph outside QUANTIZED_GRAPHS stays FP32 (recorded per graph in the manifest)
     "text_encoder": "FP32: text encoder precision is handled by a separate issue; it runs once per image, not per step",
@@ -78,6 +79,9 @@ def check_settings(settings) -> None:
         if graph not in QUANTIZED_GRAPHS:
             raise RecipeError(f"[quantization] a8_candidates names unknown graph '{graph}'; "
                               f"quantized graphs: {', '.join(QUANTIZED_GRAPHS)}")
+    if settings.a8_layer_sweep not in LAYER_SWEEPS:
+        raise RecipeError(f"[quantization] a8_layer_sweep = {settings.a8_layer_sweep!r}; "
+                          f"must be one of {', '.join(LAYER_SWEEPS)}")
     for name in ("calibration_prompts", "calibration_samples"):
         if getattr(settings, name) < 1:
             raise RecipeError(f"[quantization] {name} must be >= 1, got {getattr(settings, name)}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..calibrate import CalibrationSet, TorchGraph, collect, settings_for
 from ..errors import InputError
-from ..parity import gate, graph_sqnr, measure
+from ..parity import ImageReferences, gate, graph_sqnr, measure
 from ..prompts import load_prompt_set, prompt_set_hash
 from ..runtime.sessions import create_session, manifest_session_config
 from . import FP32_REASONS, QUANTIZED_GRAPHS, GraphJob, get_backend, planned_bits
@@ -34,9 +34,32 @@ def text_encoder_fn(model):
     return encode
 
 
+def _keep_inputs(module, call_names: list[str], kept: list[str]):
+    """``module`` taking only the inputs its ONNX graph kept (the exporter drops unused ones, e.g. the text input of
+    a high_res_in without cross-attention); a dropped one gets a placeholder tensor the forward never reads (not
+    None: aimet's tracer cannot follow a submodule called with None)."""
+    import torch
+
+    if call_names == kept:
+        return module
+
+    class KeptInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wrapped = module  # cw_export.quantize.mixed.group_of skips this wrapper level
+            self.register_buffer("unused", torch.zeros(1), persistent=False)
+
+        def forward(self, *args):
+            given = dict(zip(kept, args))
+            return self.wrapped(*[given.get(name, self.unused) for name in call_names])
+
+    return KeptInputs()
+
+
 def torch_graphs(model, manifest: dict, adaptor_state: dict | None = None) -> dict[str, TorchGraph]:
     """The FP32 torch graph behind every UNet-side graph of ``manifest``, as session-like objects."""
     from ..adaptor import build_adaptor, default_adaptor_config
+    from ..build import make_wiring
     from ..split import split_unet
 
     split = split_unet(model.unet)
@@ -47,7 +70,9 @@ def torch_graphs(model, manifest: dict, adaptor_state: dict | None = None) -> di
     graphs = {}
     for name, module in modules.items():
         spec = manifest["graphs"][name]
-        graphs[name] = TorchGraph(module, [s["name"] for s in spec["inputs"]], [s["name"] for s in spec["outputs"]])
+        kept = [s["name"] for s in spec["inputs"]]
+        call_names = list(make_wiring(split.num_skips, manifest["adaptor"]["kind"])["graphs"][name]["inputs"])
+        graphs[name] = TorchGraph(_keep_inputs(module, call_names, kept), kept, [s["name"] for s in spec["outputs"]])
     return graphs
 
 
@@ -129,16 +154,27 @@ def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: Calibratio
             result = None
             if name in q.a8_candidates:
                 trial = run(8)
-                session = create_session(trial.file, config=config)
-                sqnr = graph_sqnr(session, graph, calibration.graphs[name].subset(SWEEP_SAMPLES))["sqnr_db"]
-                sweep = {"a8_sqnr_db": sqnr, "threshold_db": q.a8_min_sqnr_db, "samples": SWEEP_SAMPLES,
-                         "data": "calibration samples"}
-                if sqnr >= q.a8_min_sqnr_db:
+                numbers = _a8_score(trial.file, graph, calibration.graphs[name], config)
+                sweep = {"a8_sqnr_db": numbers["sqnr_db"], "a8_guidance_sqnr_db": numbers.get("guidance_sqnr_db"),
+                         "threshold_db": q.a8_min_sqnr_db, "guidance_threshold_db": q.a8_min_guidance_sqnr_db,
+                         "samples": SWEEP_SAMPLES, "data": "calibration samples"}
+                if a8_margin(numbers, q) >= 0:
                     bits, result = 8, trial
-                    reason = f"a8: sensitivity sweep SQNR {sqnr:.2f} dB >= {q.a8_min_sqnr_db:g} dB"
+                    reason = f"a8: sensitivity sweep {_describe(numbers)} within the recipe's floors"
                 else:
                     bits = 16
-                    reason = f"a16: 8-bit activations gave {sqnr:.2f} dB < {q.a8_min_sqnr_db:g} dB in the sweep"
+                    reason = f"a16: 8-bit activations gave {_describe(numbers)}, below the recipe's floors"
+                    if q.a8_layer_sweep != "off":
+                        result = run(16)
+                        layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q)
+                        sweep["layers"] = layers.as_dict()
+                        if layers.a8_groups:
+                            bits = "8+16"
+                            reason = (f"a8 in {len(layers.a8_groups)} of {len(layers.margin_db)} "
+                                      f"{q.a8_layer_sweep}s, a16 elsewhere: the per-{q.a8_layer_sweep} sweep keeps "
+                                      f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})")
+                        else:
+                            reason += f"; no {q.a8_layer_sweep} keeps the floors at 8 bits on its own"
             if result is None:
                 result = run(bits)
             external = _move_graph(result.file, bundle / "graphs", name)
@@ -160,22 +196,90 @@ def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: Calibratio
     return placed
 
 
+def _a8_score(path: Path, graph, data, config: dict) -> dict:
+    """SQNR and guidance SQNR of a candidate QDQ graph on the sweep's calibration samples."""
+    return graph_sqnr(create_session(path, config=config), graph, data.subset(SWEEP_SAMPLES))
+
+
+def a8_margin(numbers: dict, q) -> float:
+    """dB above the recipe's a8 floors (negative: below one of them); the cond - uncond SQNR is checked because
+    classifier-free guidance multiplies that difference (a 30 dB graph still broke the guidance gate when its
+    cond - uncond difference was noisy)."""
+    margin = numbers["sqnr_db"] - q.a8_min_sqnr_db
+    if q.a8_min_guidance_sqnr_db > 0 and "guidance_sqnr_db" in numbers:
+        margin = min(margin, numbers["guidance_sqnr_db"] - q.a8_min_guidance_sqnr_db)
+    return margin
+
+
+def _describe(numbers: dict) -> str:
+    text = f"SQNR {numbers['sqnr_db']:.2f} dB"
+    if "guidance_sqnr_db" in numbers:
+        text += f", cond-uncond SQNR {numbers['guidance_sqnr_db']:.2f} dB"
+    return text
+
+
+def _layer_sweep(a16, a8, graph, data, config: dict, q):
+    """Per-layer mixed precision (cw_export.quantize.mixed); rewrites ``a16`` in place into the mixed graph and
+    its encodings when some layers can go to 8 bits."""
+    import json
+
+    from .mixed import merge_encodings, sweep
+
+    def score(path: Path) -> tuple[float, dict]:
+        numbers = _a8_score(path, graph, data, config)
+        return a8_margin(numbers, q), numbers
+
+    layers, mixed_file = sweep(a16.file, a8.file, score, depth=q.a8_layer_sweep)
+    if mixed_file is not None:
+        mixed_file.replace(a16.file)
+        if a16.encodings is not None and a8.encodings is not None:
+            base = json.loads(a16.encodings.read_text(encoding="utf-8"))
+            donor = json.loads(a8.encodings.read_text(encoding="utf-8"))
+            merged = merge_encodings(base, donor, layers.a8_tensors)
+            a16.encodings.write_text(json.dumps(merged, indent=1), encoding="utf-8")
+    return layers
+
+
 # -- stage: parity -------------------------------------------------------------------------------------------------
 def heldout_prompts(recipe) -> list[str]:
     return _prompts(recipe.parity.heldout_set, recipe.parity.heldout_prompts, "parity")
 
 
+def image_references(model, manifest: dict, bundle: Path, provider: str = "cpu") -> ImageReferences:
+    """The torch side of image parity (unclocked FP32 pipeline, torch VAE) and the bundle's own VAE decoder."""
+    import torch
+
+    from ..calibrate import GraphRunner
+    from ..reference import decode_image, torch_trajectory
+
+    decoder = manifest["wiring"]["decode"]["graph"]
+    spec = manifest["graphs"][decoder]
+    session = create_session(bundle / spec["file"], provider, config=manifest_session_config(manifest),
+                             precision=spec.get("precision"))
+    schedule = manifest["schedule"]
+
+    def full_fp32(hidden: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return torch_trajectory(model, torch.from_numpy(hidden), torch.from_numpy(noise), schedule["steps"], 1,
+                                manifest["guidance_scale"], manifest["sampler"]["name"]).latents
+
+    return ImageReferences(full_fp32=full_fp32, decode_fp32=lambda x: decode_image(model, x),
+                           decode_bundle=GraphRunner(manifest, {decoder: session}).decode)
+
+
+PARITY_THRESHOLDS = ("graph_min_sqnr_db", "step_min_psnr_db", "final_latent_min_psnr_db", "guidance_ratio_tolerance",
+                     "image_min_psnr_db", "image_min_ssim")
+
+
 def parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, Path],
-                 allow_low_parity: bool) -> dict:
+                 allow_low_parity: bool, bundle: Path) -> dict:
     """Measure parity of the graphs in ``placed`` with the manifest's session settings; gate; record."""
     config = manifest_session_config(manifest)
     sessions = {name: create_session(path, config=config) for name, path in placed.items()}
     prompts = heldout_prompts(recipe)
-    numbers = measure(manifest, graphs, sessions, text_encoder_fn(model), prompts, recipe.parity.seed)
+    numbers = measure(manifest, graphs, sessions, text_encoder_fn(model), prompts, recipe.parity.seed,
+                      images=image_references(model, manifest, bundle))
     verdict = gate(numbers, recipe.parity, allow_low_parity)
-    thresholds = {k: v for k, v in asdict(recipe.parity).items()
-                  if k in ("graph_min_sqnr_db", "step_min_psnr_db", "final_latent_min_psnr_db",
-                           "guidance_ratio_tolerance")}
+    thresholds = {k: v for k, v in asdict(recipe.parity).items() if k in PARITY_THRESHOLDS}
     manifest["parity"] = {"prompt_set": recipe.parity.heldout_set, "prompts_sha256": prompt_set_hash(prompts),
                           "session_options": config, "thresholds": thresholds, "gate": verdict, **numbers}
     return manifest["parity"]

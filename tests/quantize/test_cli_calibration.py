@@ -55,3 +55,13 @@ def test_default_target_is_snapdragon_int8():
     recipe = load_recipe(DEFAULT_TARGET)
     assert recipe.quantized and recipe.quantization.backend == "aimet"
     assert recipe.parity.final_latent_min_psnr_db > 0 and recipe.parity.graph_min_sqnr_db > 0
+
+
+def test_soc_table_is_data_not_a_target():
+    """recipes/socs.toml sits beside the targets but is not one (cw_export.context_binaries reads it)."""
+    from cw_export.errors import RecipeError
+    from cw_export.recipe import available_targets, load_recipe
+
+    assert "socs" not in available_targets() and "snapdragon-int8" in available_targets()
+    with pytest.raises(RecipeError, match="unknown target 'socs'"):
+        load_recipe("socs")

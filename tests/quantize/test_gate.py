@@ -93,3 +93,47 @@ def test_runtime_runs_the_quantized_bundle_with_recorded_options(low_parity_bund
 
     session = runner.session("low_res")
     assert session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def test_image_parity_equals_an_independent_decode(low_parity_bundle, tiny_model):
+    """The manifest's image numbers (one held-out prompt) equal PSNR/SSIM computed here from scratch: the bundle run
+    by the runtime vs the torch clocked trajectory and the unclocked diffusers pipeline, both decoded by torch."""
+    import torch
+
+    from cw_export.calibrate import unit_noise
+    from cw_export.reference import decode_image, text_embeddings, torch_trajectory
+    from cw_export.runtime.image import psnr, ssim
+    from cw_export.runtime.pipeline import BundleRunner
+
+    manifest = read_manifest(low_parity_bundle)
+    parity = manifest["parity"]
+    image = parity["image"]
+    assert len(parity["prompts"]) == 1
+    prompt, seed = parity["prompts"][0], parity["seeds"][0]
+    noise = unit_noise(manifest["latent"]["shape"], seed)
+    runner = BundleRunner(low_parity_bundle)
+    hidden, pooled = text_embeddings(tiny_model, prompt)  # the build's parity uses the FP32 torch text encoder
+    ours = runner.decode(runner.generate(hidden.numpy(), pooled.numpy(), noise).latents)
+    schedule = manifest["schedule"]
+    refs = {clock: decode_image(tiny_model, torch_trajectory(
+        tiny_model, hidden, torch.from_numpy(noise), schedule["steps"], clock, manifest["guidance_scale"],
+        manifest["sampler"]["name"]).latents) for clock in (1, schedule["clock"])}
+    assert image["vs_full_fp32"]["psnr_db"] == pytest.approx(psnr(refs[1], ours), abs=0.05)
+    assert image["vs_clockwork_fp32"]["psnr_db"] == pytest.approx(psnr(refs[schedule["clock"]], ours), abs=0.05)
+    assert image["vs_clockwork_fp32"]["ssim"] == pytest.approx(ssim(refs[schedule["clock"]], ours), abs=1e-3)
+    assert image["clockwork_fp32_vs_full_fp32"]["psnr_db"] == pytest.approx(
+        psnr(refs[1], refs[schedule["clock"]]), abs=0.05)
+    assert 20.0 < image["vs_clockwork_fp32"]["psnr_db"] < 200.0  # really quantized, really close
+    assert parity["thresholds"]["image_min_psnr_db"] == 30.0 and parity["thresholds"]["image_min_ssim"] == 0.95
+
+
+def test_image_gate_and_remeasure(low_parity_bundle):
+    from cw_export.parity import compare
+
+    recorded = read_manifest(low_parity_bundle)["parity"]
+    strict = SimpleNamespace(**{**vars(THRESHOLDS), "image_min_psnr_db": 200.0, "image_min_ssim": 1.01})
+    found = failures(recorded, strict)
+    assert any("image PSNR vs clockwork FP32" in f for f in found) and any("image SSIM" in f for f in found)
+    tampered = json.loads(json.dumps(recorded))
+    tampered["image"]["vs_full_fp32"]["ssim"] -= 0.01
+    assert any(d.startswith("image vs_full_fp32") for d in compare(tampered, recorded))

@@ -1,0 +1,175 @@
+"""Per-layer mixed precision: 8-bit activations for the layers that tolerate them, 16-bit for the rest.
+
+Used when a whole graph at 8-bit activations misses the recipe's SQNR floor. Both backends already produced two QDQ
+graphs of the same FP32 graph (all-16 and all-8 activations) with the same tensor names, so a mixed graph needs no
+new calibration: it is the 16-bit graph with the scale / zero-point initializers of chosen activation tensors taken
+from the 8-bit graph (onnxruntime and QNN requantize between a 16-bit and an 8-bit tensor).
+
+The sweep works on layer groups, not single tensors: a group is the module path of a tensor (``/down_blocks.0/
+resnets.0/conv1/Conv_output_0`` -> ``down_blocks.0/resnets.0/conv1`` at layer depth, ``down_blocks.0/resnets.0`` at
+block depth), so its cost is one session per group and the manifest can say which layers run at 8 bits.
+
+  1. sensitivity: for each group, SQNR of the 16-bit graph with only that group at 8 bits
+  2. order the groups from least to most harmful; the largest prefix whose merged graph keeps the SQNR floor wins
+     (binary search: SQNR falls, almost monotonically, as more groups go to 8 bits; the winner is re-measured)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+SWEEP_DEPTHS = {"block": 2, "layer": 3}  # module-path components that name a group
+WRAPPER = "wrapped"  # the attribute of quantize.stages' input-dropping wrapper: not a level of the model
+EIGHT_BIT = {2, 3}  # onnx TensorProto UINT8, INT8
+SIXTEEN_BIT = {4, 5}  # UINT16, INT16
+
+
+def activation_quantizers(model) -> dict[str, tuple[str, str]]:
+    """tensor name -> (scale, zero-point initializer names) of every QuantizeLinear on an activation (not a weight)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
+            continue
+        zero_point = inits.get(node.input[2])
+        if zero_point is None or zero_point.data_type not in EIGHT_BIT | SIXTEEN_BIT:
+            continue
+        if zero_point.data_type in (3, 5):  # signed zero point: symmetric weights fed through a Constant node
+            continue
+        found[node.input[0]] = (node.input[1], node.input[2])
+    return found
+
+
+def sixteen_bit_tensors(model) -> list[str]:
+    """Activation tensors quantized at 16 bits: the ones a sweep can move to 8."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [t for t, (_, zp) in activation_quantizers(model).items() if inits[zp].data_type in SIXTEEN_BIT]
+
+
+def group_of(tensor: str, depth: int) -> str:
+    """The module path of an exported tensor name, cut to ``depth`` components ('graph' for top-level tensors)."""
+    parts = [p for p in tensor.split("/") if p]
+    modules = parts[:-1] if tensor.startswith("/") else []
+    if modules[:1] == [WRAPPER]:
+        modules = modules[1:]
+    return "/".join(modules[:depth]) if modules else "graph"
+
+
+def group_tensors(model, tensors: list[str], depth: int) -> dict[str, list[str]]:
+    """Sweep groups of ``tensors`` by module path; tensors that share quantization parameters (onnxruntime gives
+    e.g. a Reshape's input and output the same scale initializer) always land in the same group, the one of the
+    first of them in graph order, because changing a shared initializer moves all of them."""
+    quantizers = activation_quantizers(model)
+    order = {t: i for i, t in enumerate(tensors)}
+    parent = {t: t for t in tensors}
+
+    def find(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    owner: dict[str, str] = {}  # initializer name -> first tensor using it
+    for t in tensors:
+        for init in quantizers[t]:
+            other = owner.setdefault(init, t)
+            a, b = find(t), find(other)
+            if a != b:  # union: the earlier tensor in graph order is the root
+                parent[max(a, b, key=order.get)] = min(a, b, key=order.get)
+    root = {t: find(t) for t in tensors}
+    groups: dict[str, list[str]] = {}
+    for t in tensors:
+        groups.setdefault(group_of(root[t], depth), []).append(t)
+    return groups
+
+
+def merge_activations(base, donor, tensors: list[str]):
+    """A copy of ``base`` (16-bit QDQ ModelProto) whose ``tensors`` use ``donor``'s (8-bit) quantization parameters."""
+    import onnx
+
+    merged = onnx.ModelProto()
+    merged.CopyFrom(base)
+    base_q = activation_quantizers(merged)
+    donor_q = activation_quantizers(donor)
+    donor_inits = {i.name: i for i in donor.graph.initializer}
+    inits = {i.name: i for i in merged.graph.initializer}
+    for tensor in tensors:
+        for target, source in zip(base_q[tensor], donor_q[tensor]):
+            inits[target].CopyFrom(donor_inits[source])
+            inits[target].name = target
+    return merged
+
+
+def merge_encodings(base: dict, donor: dict, tensors: list[str]) -> dict:
+    """AIMET encodings of the mixed graph: ``base``'s entries with ``donor``'s for ``tensors`` (same names)."""
+    chosen = set(tensors)
+    donor_by_name = {e["name"]: e for e in donor.get("activation_encodings", [])}
+    merged = json.loads(json.dumps(base))
+    merged["activation_encodings"] = [donor_by_name.get(e["name"], e) if e["name"] in chosen else e
+                                      for e in base.get("activation_encodings", [])]
+    return merged
+
+
+@dataclass
+class LayerSweep:
+    """What the sweep measured and chose (recorded in the manifest under the graph's quantization.sweep)."""
+
+    depth: str
+    margin_db: dict[str, float] = field(default_factory=dict)  # group -> dB above the floors with only it at 8 bits
+    a8_groups: list[str] = field(default_factory=list)
+    a8_tensors: list[str] = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)  # the chosen mixed graph's SQNR numbers
+    evaluations: int = 0
+
+    def as_dict(self) -> dict:
+        ranked = sorted(self.margin_db.items(), key=lambda kv: kv[1])
+        return {"granularity": self.depth, "groups": len(self.margin_db), "a8_groups": self.a8_groups,
+                "a8_tensors": len(self.a8_tensors), "mixed": self.numbers, "evaluations": self.evaluations,
+                "most_sensitive": [{"group": g, "a8_only_margin_db": round(m, 2)} for g, m in ranked[:8]]}
+
+
+def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float, dict]],
+          depth: str = "block") -> tuple[LayerSweep, Path | None]:
+    """Choose 8-bit groups for ``base_file`` (16-bit QDQ) from ``donor_file`` (8-bit QDQ of the same graph).
+
+    ``score(path)`` gives a candidate graph file's margin in dB over the floors (>= 0 passes) and its numbers.
+    Returns the sweep and the mixed graph file written beside ``base_file`` (None when no group can go to 8 bits).
+    """
+    import onnx
+
+    base = onnx.load(str(base_file), load_external_data=False)  # external weights stay where they are
+    donor = onnx.load(str(donor_file), load_external_data=False)
+    donor_tensors = set(activation_quantizers(donor))
+    tensors = [t for t in sixteen_bit_tensors(base) if t in donor_tensors]
+    groups = group_tensors(base, tensors, SWEEP_DEPTHS[depth])
+    result = LayerSweep(depth=depth)
+    trial_file = base_file.with_name(base_file.stem + ".trial.onnx")
+
+    def evaluate(chosen: list[str]) -> tuple[float, dict]:
+        members = [t for g in chosen for t in groups[g]]
+        onnx.save_model(merge_activations(base, donor, members), str(trial_file))
+        result.evaluations += 1
+        return score(trial_file)
+
+    for name in groups:  # 1. one group at a time
+        result.margin_db[name] = evaluate([name])[0]
+    order = sorted((g for g in groups if result.margin_db[g] >= 0), key=lambda g: -result.margin_db[g])
+    low, high, best = 1, len(order), 0  # 2. the largest prefix of ``order`` that keeps the floors
+    while low <= high:
+        mid = (low + high) // 2
+        margin, numbers = evaluate(order[:mid])
+        if margin >= 0:
+            best, result.numbers, low = mid, numbers, mid + 1
+        else:
+            high = mid - 1
+    trial_file.unlink(missing_ok=True)
+    if best == 0:
+        return result, None
+    result.a8_groups = order[:best]
+    result.a8_tensors = [t for g in result.a8_groups for t in groups[g]]
+    mixed_file = base_file.with_name(base_file.stem + ".mixed.onnx")
+    onnx.save_model(merge_activations(base, donor, result.a8_tensors), str(mixed_file))
+    return result, mixed_file

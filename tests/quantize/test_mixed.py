@@ -1,0 +1,156 @@
+"""Per-layer mixed precision (cw_export.quantize.mixed): merge, group, sweep, and the build's use of it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from cw_export.calibrate import collect, settings_for
+from cw_export.parity import graph_sqnr
+from cw_export.quantize import GraphJob, get_backend
+from cw_export.quantize.mixed import (SIXTEEN_BIT, activation_quantizers, group_of, group_tensors, merge_activations,
+                                      merge_encodings, sixteen_bit_tensors, sweep)
+from cw_export.recipe import load_recipe
+from cw_export.runtime.manifest import read_manifest
+from cw_export.runtime.sessions import create_session, session_config
+
+GRAPH = "low_res"
+CONFIG = session_config("basic")
+
+
+@pytest.fixture(scope="module")
+def low_res(tiny_model, fp32_bundle):
+    from cw_export.quantize.stages import text_encoder_fn, torch_graphs
+
+    manifest = read_manifest(fp32_bundle)
+    prompts = ["a red square", "a blue circle"]
+    settings = settings_for(manifest, tiny_model.source["sha256"], prompts, seed=0, samples_per_graph=4)
+    graphs = torch_graphs(tiny_model, manifest)
+    data = collect(manifest, graphs, text_encoder_fn(tiny_model), prompts, settings)
+    return fp32_bundle, graphs[GRAPH], data.graphs[GRAPH]
+
+
+def quantize(backend: str, low_res, out, bits: int):
+    bundle, graph, data = low_res
+    job = GraphJob(GRAPH, bundle / "graphs" / f"{GRAPH}.onnx", graph.module, graph.input_names,
+                   graph.output_names, data, bits)
+    return get_backend(backend).quantize_graph(job, load_recipe("snapdragon-int8").quantization, out / "graphs")
+
+
+@pytest.fixture(scope="module")
+def ort_pair(low_res, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed-ort")
+    return quantize("ort", low_res, root / "a16", 16), quantize("ort", low_res, root / "a8", 8)
+
+
+def zero_point_types(model) -> dict[str, int]:
+    inits = {i.name: i for i in model.graph.initializer}
+    return {t: inits[zp].data_type for t, (_, zp) in activation_quantizers(model).items()}
+
+
+def test_group_of_names_the_module_path():
+    name = "/down_blocks.0/resnets.1/conv1/Conv_output_0"
+    assert group_of(name, 2) == "down_blocks.0/resnets.1"
+    assert group_of(name, 3) == "down_blocks.0/resnets.1/conv1"
+    assert group_of("r_in_dup_1", 2) == "graph"
+    assert group_of("/Add_output_0", 2) == "graph"
+    assert group_of("/wrapped/down_blocks.0/resnets.1/conv1/Conv_output_0", 2) == "down_blocks.0/resnets.1"  # wrapper
+
+
+def test_merge_moves_exactly_the_chosen_tensors_to_8_bits(ort_pair, low_res):
+    a16, a8 = (onnx.load(str(r.file)) for r in ort_pair)
+    tensors = sixteen_bit_tensors(a16)
+    assert len(tensors) > 20  # every activation of the 16-bit graph (the timestep path excepted)
+    groups = group_tensors(a16, tensors, 2)
+    chosen = groups[sorted(groups)[1]]
+    merged = merge_activations(a16, a8, chosen)
+    types = zero_point_types(merged)
+    assert {types[t] for t in chosen} == {onnx.TensorProto.UINT8}
+    assert all(types[t] in SIXTEEN_BIT for t in tensors if t not in chosen)
+    assert zero_point_types(a16) != types and sixteen_bit_tensors(a16) == tensors  # the input is left untouched
+    # the merged graph runs and sits between the two: noisier than a16, cleaner than a8 everywhere
+    _, graph, data = low_res
+    path = ort_pair[0].file.with_name("merged.onnx")
+    onnx.save_model(merged, str(path))
+    sqnr = {name: graph_sqnr(create_session(f, config=CONFIG), graph, data)["sqnr_db"]
+            for name, f in (("a16", ort_pair[0].file), ("merged", path), ("a8", ort_pair[1].file))}
+    assert sqnr["a8"] < sqnr["merged"] < sqnr["a16"], sqnr
+
+
+def test_sweep_keeps_the_largest_prefix_of_least_harmful_groups(ort_pair):
+    """A synthetic score with known per-group costs: the sweep must pick the cheapest groups up to the budget."""
+    a16 = onnx.load(str(ort_pair[0].file))
+    groups = group_tensors(a16, sixteen_bit_tensors(a16), 2)
+    names = sorted(groups)
+    cost = {g: 1.0 + i for i, g in enumerate(names)}  # group i costs i + 1 dB
+    budget = cost[names[0]] + cost[names[1]] + cost[names[2]] + 0.5  # the three cheapest fit, not four
+    calls = []
+
+    def score(path):
+        types = zero_point_types(onnx.load(str(path)))
+        at8 = {g for g, members in groups.items() if types[members[0]] == onnx.TensorProto.UINT8}
+        calls.append(at8)
+        spent = sum(cost[g] for g in at8)
+        return budget - spent - (100.0 if names[-1] in at8 else 0.0), {"sqnr_db": 40.0 - spent}
+
+    result, mixed = sweep(ort_pair[0].file, ort_pair[1].file, score, depth="block")
+    assert result.a8_groups == names[:3]
+    assert result.margin_db[names[-1]] < 0 and names[-1] not in result.a8_groups
+    assert result.evaluations == len(calls) <= len(groups) + math.ceil(math.log2(len(groups) + 1))
+    types = zero_point_types(onnx.load(str(mixed)))
+    assert {types[t] for g in names[:3] for t in groups[g]} == {onnx.TensorProto.UINT8}
+    assert all(types[t] in SIXTEEN_BIT for g in names[3:] for t in groups[g])
+    assert not ort_pair[0].file.with_name(ort_pair[0].file.stem + ".trial.onnx").exists()
+
+
+def test_sweep_returns_nothing_when_no_group_fits(ort_pair):
+    result, mixed = sweep(ort_pair[0].file, ort_pair[1].file, lambda path: (-1.0, {"sqnr_db": 0.0}))
+    assert mixed is None and result.a8_groups == [] and all(m < 0 for m in result.margin_db.values())
+
+
+def test_aimet_encodings_follow_the_merged_graph(low_res, tmp_path):
+    """The merged AIMET encodings say 8 bits exactly where the mixed QDQ graph quantizes at 8 bits."""
+    a16 = quantize("aimet", low_res, tmp_path / "a16", 16)
+    a8 = quantize("aimet", low_res, tmp_path / "a8", 8)
+    base, donor = onnx.load(str(a16.file)), onnx.load(str(a8.file))
+    groups = group_tensors(base, sixteen_bit_tensors(base), 2)
+    chosen = groups[max(groups, key=lambda g: len(groups[g]))]
+    merged_graph = merge_activations(base, donor, chosen)
+    merged = merge_encodings(json.loads(a16.encodings.read_text()), json.loads(a8.encodings.read_text()), chosen)
+    bits = {e["name"]: e["bw"] for e in merged["activation_encodings"]}
+    types = zero_point_types(merged_graph)
+    shared = [t for t in types if t in bits]
+    assert len(shared) > 0.8 * len(types)  # the QDQ graph and the encodings name the same tensors
+    assert any(bits[t] == 8 for t in shared) and any(bits[t] == 16 for t in shared)
+    for t in shared:
+        assert bits[t] == (8 if types[t] == onnx.TensorProto.UINT8 else 16), t
+
+
+def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
+    """snapdragon-int8 on the tiny model: low_res fails whole at a8 (measured: guidance SQNR < 0 dB) and gets a
+    per-block mix; the manifest's a8 blocks are exactly the 8-bit activations of the shipped graph."""
+    recipe = quant.small_recipe("snapdragon-int8", backend="ort")
+    # 2 calibration prompts (the test budget) give cruder ranges than the recipe's 16: a lower guidance floor keeps
+    # the mixed path reachable (with the recipe's budget and floors the sweep keeps 2-4 blocks, docs/quantization.md)
+    recipe = recipe.with_quantization(a8_min_guidance_sqnr_db=10.0)
+    bundle = quant.build(recipe, tmp_path / "bundle")
+    manifest = read_manifest(bundle)
+    entry = manifest["graphs"][GRAPH]
+    sweep_record = entry["quantization"]["sweep"]
+    assert sweep_record["a8_guidance_sqnr_db"] < recipe.quantization.a8_min_guidance_sqnr_db
+    layers = sweep_record["layers"]
+    assert entry["precision"] == "w8a8+16" and layers["a8_groups"], entry["quantization"]["reason"]
+    assert layers["mixed"]["sqnr_db"] >= recipe.quantization.a8_min_sqnr_db
+    assert layers["mixed"]["guidance_sqnr_db"] >= recipe.quantization.a8_min_guidance_sqnr_db
+    model = onnx.load(str(bundle / "graphs" / f"{GRAPH}.onnx"))
+    types = zero_point_types(model)
+    at8 = {t for t, kind in types.items() if kind == onnx.TensorProto.UINT8}
+    groups = group_tensors(model, [t for t, kind in types.items() if kind in SIXTEEN_BIT or t in at8], 2)
+    assert at8 == {t for g in layers["a8_groups"] for t in groups[g]}
+    assert len(at8) == layers["a8_tensors"]
+    assert manifest["parity"]["gate"]["passed"]
+    assert np.isfinite(manifest["parity"]["graphs"][GRAPH]["sqnr_db"])
