@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import CwExportError, InputError
 
-SUBCOMMANDS = ("build", "run", "validate", "model", "inspect", "report", "distill")
+SUBCOMMANDS = ("build", "run", "validate", "model", "inspect", "report", "distill", "evaluate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -289,9 +289,36 @@ def cmd_distill(argv: list[str]) -> int:
     return 0
 
 
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export evaluate", description="Prompt accuracy and Fréchet distance (shape classifier "
+                     "features) of a shapes-model bundle: full FP32, clockwork FP32 (torch) and the bundle itself.")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="captions, one a line (default: the held-out captions of the shapes data set)")
+    parser.add_argument("--repeats", type=_positive_int("--repeats"), default=4,
+                        help="images per caption (default 4: 120 images for the held-out captions)")
+    parser.add_argument("--limit", type=_nonnegative_int("--limit"), default=0,
+                        help="evaluate only the first N captions after repeats (default 0: all)")
+    parser.add_argument("--seed", type=_nonnegative_int("--seed"), default=0,
+                        help="image i starts from the noise of 'cw-export run --seed SEED+i'")
+    parser.add_argument("--provider", nargs="+", action="extend", choices=["cpu", "qnn-htp"],
+                        help="providers the bundle runs on (cpu always; qnn-htp adds clockwork_<p>_htp)")
+    parser.add_argument("--adaptor-checkpoint", type=Path, metavar="CKPT",
+                        help="torch weights of a learned-adaptor bundle's adaptor (default: found in the build cache)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write {variant: {prompt_accuracy, frechet, ...}}")
+    parser.add_argument("--images-out", type=Path, metavar="DIR", help="write every image as DIR/<variant>/NNN.png")
+    return parser
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from .evaluate.command import evaluate_command
+
+    return evaluate_command(evaluate_parser().parse_args(argv))
+
+
 COMMANDS = {"build": cmd_build, "run": cmd_run, "validate": cmd_validate, "model": cmd_model,
             "inspect": cmd_inspect, "report": cmd_report,
-            "distill": cmd_distill}
+            "distill": cmd_distill, "evaluate": cmd_evaluate}
 
 
 # The user's machine rather than our code failed: disk full, quota, read-only or permission-denied paths, I/O errors.

@@ -73,9 +73,18 @@ def make_grid(bundle: str | Path, prompts: list[str], seed: int, source_model=No
             ref = torch_trajectory(source_model, hidden, torch.from_numpy(noise), schedule["steps"], clock,
                                    manifest["guidance_scale"], manifest["sampler"]["name"])
             row.append(decode_image(source_model, ref.latents))
-        for runner in runners.values():
-            h, p = runner.encode_prompt(prompt)
-            row.append(runner.decode(runner.generate(h, p, noise).latents))
+        for column, runner in list(runners.items()):
+            try:
+                h, p = runner.encode_prompt(prompt)
+                row.append(runner.decode(runner.generate(h, p, noise).latents))
+            except Exception as exc:  # only the optional HTP column may fail; the grid says why it is missing
+                if runner.provider == "cpu":
+                    raise
+                print(f"{column} column skipped: {' '.join(str(exc).split())[:200]}")
+                index = columns.index(column)
+                del runners[column], columns[index]
+                for done in rows:
+                    del done[index]
         rows.append(row)
     return GridResult(columns, prompts, rows)
 
@@ -84,15 +93,15 @@ def save_grid_png(result: GridResult, out: Path) -> None:
     """A labelled grid (matplotlib: column titles, prompts as row labels), written atomically."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from .atomic import write_file_atomic
 
     n_rows, n_cols = len(result.rows), len(result.columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(2.2 * n_cols, 2.2 * n_rows + 0.4))  # no pyplot: the caller's backend stays as it is
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for i, row in enumerate(result.rows):
         for j, image in enumerate(row):
             ax = axes[i][j]
@@ -106,7 +115,6 @@ def save_grid_png(result: GridResult, out: Path) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
     write_file_atomic(Path(out), buffer.getvalue())
 
 
