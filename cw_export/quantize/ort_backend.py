@@ -86,6 +86,12 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+def graph_bytes(path: Path) -> int:
+    """Size of an ONNX graph with its external data files (``<name>.onnx.data`` beside it): the .onnx file of a
+    large graph is small, so its own size says nothing about the 2 GB protobuf limit."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+
+
 def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     import onnx
     from onnxruntime.quantization import QuantType, quantize
@@ -94,15 +100,20 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{job.name}.onnx"
     activation = {8: QuantType.QUInt8, 16: QuantType.QUInt16}[job.activation_bits]
-    large = job.fp32_onnx.stat().st_size > LARGE_MODEL_BYTES
+    large = graph_bytes(job.fp32_onnx) > LARGE_MODEL_BYTES
     with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix=f"cw-ort-{job.name}-") as tmp:
         # 1. QNN graph rewrites (onnxruntime 1.32's preprocess fails on onnxsim's metadata_props: drop them first)
-        source = onnx.load(str(job.fp32_onnx))
-        del source.metadata_props[:]
+        def load_source():
+            source = onnx.load(str(job.fp32_onnx))
+            del source.metadata_props[:]
+            return source
+
         pre = Path(tmp) / "pre.onnx"
-        if not qnn_preprocess_model(source, str(pre), save_as_external_data=large, all_tensors_to_one_file=True):
-            onnx.save_model(source, str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
-        del source
+        if not qnn_preprocess_model(load_source(), str(pre), save_as_external_data=large,
+                                    all_tensors_to_one_file=True):
+            # nothing rewritten: save a fresh copy (the proto given to qnn_preprocess_model can come back pointing
+            # at external data files in a temp folder it already deleted; measured on the shapes model)
+            onnx.save_model(load_source(), str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
         model = onnx.load(str(pre), load_external_data=False)
         # 2. the timestep path stays float; what leaves it is 16-bit even in an 8-bit graph
         float_nodes, boundary = timestep_path(model) if "timestep" in job.input_names else ([], [])

@@ -87,3 +87,14 @@ def test_recipe_quantization_settings_are_checked():
         check_settings(bad.quantization)
     with pytest.raises(RecipeError, match="unknown graph"):
         check_settings(recipe.with_quantization(a8_candidates=["unet"]).quantization)
+
+
+def test_graph_size_counts_external_data(tmp_path):
+    """A >2 GB graph's .onnx file is small (its weights sit in .onnx.data): the ort backend must count both to pick
+    external-data saving (found on SD 1.5's low_res: 'Failed to serialize proto')."""
+    from cw_export.quantize.ort_backend import graph_bytes
+
+    (tmp_path / "low_res.onnx").write_bytes(b"x" * 10)
+    (tmp_path / "low_res.onnx.data").write_bytes(b"x" * 1000)
+    (tmp_path / "high_res_in.onnx").write_bytes(b"x" * 5)  # another graph's file is not counted
+    assert graph_bytes(tmp_path / "low_res.onnx") == 1010

@@ -25,3 +25,21 @@ def test_int8_build_from_a_saved_diffusers_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", str(bundle)]) == 0
     assert "FAIL" not in capsys.readouterr().out
+
+
+def test_int8_build_of_a_model_whose_graph_drops_an_input(tmp_path):
+    """The trained shapes model: its high_res_in has no cross-attention, so the export drops encoder_hidden_states.
+    Calibration, both quantizers' torch side and parity must call the graph with what it kept (found: a TypeError),
+    and the ort path must survive qnn_preprocess_model leaving nothing to rewrite (found: dangling external data)."""
+    from cw_export.build import BuildOptions, build_bundle
+    from cw_export.recipe import load_recipe
+
+    recipe = load_recipe("snapdragon-w8a16").with_quantization(backend="ort", calibration_prompts=2,
+                                                                calibration_samples=8)
+    recipe = recipe.with_parity(heldout_prompts=1)
+    bundle = build_bundle(recipe, BuildOptions(model="shapes", out=tmp_path / "b", progress=False,
+                                               allow_low_parity=True))
+    manifest = read_manifest(bundle)
+    assert [s["name"] for s in manifest["graphs"]["high_res_in"]["inputs"]] == ["sample", "timestep"]
+    assert manifest["graphs"]["high_res_in"]["precision"] == "w8a16"
+    assert 20.0 < manifest["parity"]["graphs"]["high_res_in"]["sqnr_db"] < 200.0
