@@ -47,6 +47,9 @@ def run_cell(args, recipe_name: str, backend: str, work: Path) -> dict:
             "sqnr": {g: parity["graphs"][g]["sqnr_db"] for g in GRAPHS if g in parity["graphs"]},
             "min_step_psnr": min(r["latent_psnr_db"] for r in parity["steps"]),
             "final_psnr": parity["final_latent_psnr_db"],
+            "final_psnr_worst_prompt": min(parity.get("final_latent_psnr_db_per_prompt",
+                                                      [parity["final_latent_psnr_db"]])),
+            "prompt_aggregate": parity.get("prompt_aggregate", "pooled"),
             "worst_ratio": max(parity["steps"], key=lambda r: abs(r["guidance_ratio"] - 1))["guidance_ratio"],
             "image_psnr_vs_clockwork": parity.get("image", {}).get("vs_clockwork_fp32", {}).get("psnr_db"),
             "image_psnr_vs_full": parity.get("image", {}).get("vs_full_fp32", {}).get("psnr_db"),
@@ -55,7 +58,7 @@ def run_cell(args, recipe_name: str, backend: str, work: Path) -> dict:
 
 def table(rows: list[tuple[str, str, dict]]) -> str:
     graphs = [g for g in GRAPHS if any(g in r.get("sqnr", {}) for _, _, r in rows)]
-    head = ["recipe", "backend", *[f"{g} SQNR dB" for g in graphs], "min step PSNR dB", "final latent PSNR dB",
+    head = ["recipe", "backend", *[f"{g} SQNR dB" for g in graphs], "min step PSNR dB", "final latent PSNR dB (worst prompt)",
             "worst guidance ratio", "image PSNR dB vs clockwork FP32 / vs full FP32", "gate", "precision", "build s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for recipe, backend, r in rows:
@@ -64,10 +67,15 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
             continue
         precision = ", ".join(f"{g}={p}" for g, p in r["precision"].items())
         lines.append("| " + " | ".join([recipe, backend, *[f"{r['sqnr'].get(g, float('nan')):.2f}" for g in graphs],
-                                         f"{r['min_step_psnr']:.2f}", f"{r['final_psnr']:.2f}",
+                                         f"{r['min_step_psnr']:.2f}", _final(r),
                                          f"{r['worst_ratio']:.4f}", _image(r), r["gate"], precision,
                                          f"{r['seconds']:.0f}"]) + " |")
     return "\n".join(lines)
+
+
+def _final(r: dict) -> str:
+    worst = r.get("final_psnr_worst_prompt")
+    return f"{r['final_psnr']:.2f}" + ("" if worst is None else f" ({worst:.2f})")
 
 
 def _image(r: dict) -> str:

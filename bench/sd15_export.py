@@ -100,6 +100,7 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
     import torch
 
     from cw_export import build, export
+    from cw_export.quantize import stages as quant_stages
 
     check = getattr(build, "check_build_memory", None)
     if check is not None:  # record the build's own up-front estimate beside the measured peak
@@ -123,6 +124,10 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
         _wrap(timeline, export, "_simplify_in_place", "    onnxsim"),
         _wrap(timeline, export, "_save", "    re-save as external data"),
         _wrap(timeline, export, "measure_parity", "    onnxruntime parity run"),
+        _wrap(timeline, build, "quantize_bundle", "quantize (INT8 targets)"),
+        _wrap(timeline, quant_stages, "calibrate_stage", "  calibration trajectories (torch FP32)"),
+        _wrap(timeline, quant_stages, "quantize_stage", "  quantize graphs (+ 8/16-bit sweep)"),
+        _wrap(timeline, quant_stages, "parity_stage", "  parity gate (held-out trajectories in onnxruntime)"),
         _wrap(timeline, build, "write_tokenizer_files", "tokenizer files"),
         _wrap(timeline, build, "build_manifest", "manifest"),
         _wrap(timeline, build, "list_files", "sha256 of every file"),

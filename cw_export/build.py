@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,10 +317,19 @@ def quantize_bundle(model: SDModel, recipe: Recipe, manifest: dict, bundle: Path
     calibration = q.calibrate_stage(model, recipe, manifest, graphs, adaptor_sha, options.progress)
     stages.update()
     stages.set_postfix_str("quantize")
-    placed = q.quantize_stage(recipe, manifest, graphs, calibration, bundle, options.progress)
-    stages.update()
-    stages.set_postfix_str("parity")
-    q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity, bundle)
+    with tempfile.TemporaryDirectory(prefix="cw-a16-fallback-") as held:  # like the quantizers' scratch folders
+        fallback_dir = Path(held)
+        placed, fallbacks = q.quantize_stage(recipe, manifest, graphs, calibration, bundle, options.progress,
+                                             fallback_dir)
+        stages.update()
+        stages.set_postfix_str("parity")
+        # "8-bit activations wherever the gate allows": a graph the sweep put at 8 bits goes back to 16 when the
+        # whole bundle then fails the gate, and parity is measured again (recorded in its quantization entry)
+        parity = q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity or bool(fallbacks),
+                                bundle)
+        if fallbacks and not parity["gate"]["passed"]:
+            q.apply_fallbacks(manifest, bundle, fallbacks, parity["gate"]["failures"])
+            q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity, bundle)
     stages.update()
 
 

@@ -64,6 +64,7 @@ class ParitySection:
     guidance_ratio_tolerance: float = 0.0  # max |std(cond-uncond) quantized / FP32 - 1| at any step; 0 disables
     image_min_psnr_db: float = 0.0  # decoded image, quantized bundle vs FP32 clockwork (uint8 PSNR); 0 disables
     image_min_ssim: float = 0.0  # ... and its SSIM; 0 disables (vs the unclocked pipeline: recorded, not gated)
+    prompt_aggregate: str = "pooled"  # trajectory/image numbers over prompts: "pooled" MSE or "median" (parity.AGGREGATES)
     heldout_set: str = "heldout"  # prompts parity is measured on: never the calibration prompts
     heldout_prompts: int = 4  # how many held-out prompts (each one FP32 + one quantized trajectory)
     seed: int = 1000  # held-out prompt k starts from unit noise seeded with seed + k (recorded)
@@ -111,6 +112,7 @@ SECTIONS = {"build": BuildSection, "export": ExportSection, "quantization": Quan
 TOP_LEVEL = {"name", "description", "schema_version", *SECTIONS}
 
 
+PROMPT_AGGREGATES = ("median", "pooled")  # cw_export.parity.AGGREGATES (kept here: recipes load without numpy)
 DATA_FILES = {"socs"}  # recipes/ also holds tables that are not targets (socs.toml: cw_export.context_binaries)
 
 
@@ -150,6 +152,9 @@ def parse_recipe(text: str, source: str) -> Recipe:
         if not isinstance(data.get(key), str) or not data[key]:
             raise RecipeError(f"{source}: '{key}' must be a non-empty string")
     sections = {name: _section(name, cls, data.get(name, {}), source) for name, cls in SECTIONS.items()}
+    if sections["parity"].prompt_aggregate not in PROMPT_AGGREGATES:
+        raise RecipeError(f"{source}: [parity] prompt_aggregate must be one of {sorted(PROMPT_AGGREGATES)}, "
+                          f"got {sections['parity'].prompt_aggregate!r}")
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     return Recipe(name=data["name"], description=data["description"], schema_version=version,
                   source_sha256=digest, **sections)

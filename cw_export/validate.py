@@ -542,7 +542,7 @@ def quantized_parity_checks(bundle: Path, manifest: dict, model, provider: str =
                 for name in recorded["graphs"]}
     images = image_references(model, manifest, bundle, provider) if "image" in recorded else None
     numbers = measure(manifest, graphs, sessions, text_encoder_fn(model), recorded["prompts"],
-                      recorded["seeds"][0], images=images)
+                      recorded["seeds"][0], images=images, aggregate=recorded.get("prompt_aggregate", "pooled"))
     if provider != "cpu":
         minimum = recorded["thresholds"].get("graph_min_sqnr_db", 0)
         checks = [Check(f"{name} SQNR on {provider}", result["sqnr_db"] >= minimum, f"{result['sqnr_db']:.2f} dB "

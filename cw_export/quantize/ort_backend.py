@@ -92,6 +92,28 @@ def graph_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
+QDQ_OPSET = 21  # 16-bit QuantizeLinear/DequantizeLinear (the timestep boundary is 16-bit even in an 8-bit graph)
+
+
+def raise_opset(path: Path, opset: int = QDQ_OPSET) -> bool:
+    """Convert the graph at ``path`` to ``opset`` in place, leaving its external data where it is.
+
+    onnxruntime's quantizer would do this itself, but on the whole proto with its weights in memory, which cannot
+    be serialised above 2 GB (measured: SD 1.5's low_res, "Failed to serialize proto"). Loaded without its external
+    data the proto is small; the converter keeps the initializers' external references, so the ``.data`` file beside
+    ``path`` stays valid. Returns whether anything changed.
+    """
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path), load_external_data=False)
+    current = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= opset:
+        return False
+    onnx.save_model(version_converter.convert_version(model, opset), str(path))
+    return True
+
+
 def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     import onnx
     from onnxruntime.quantization import QuantType, quantize
@@ -114,6 +136,7 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
             # nothing rewritten: save a fresh copy (the proto given to qnn_preprocess_model can come back pointing
             # at external data files in a temp folder it already deleted; measured on the shapes model)
             onnx.save_model(load_source(), str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
+        raise_opset(pre)
         model = onnx.load(str(pre), load_external_data=False)
         # 2. the timestep path stays float; what leaves it is 16-bit even in an 8-bit graph
         float_nodes, boundary = timestep_path(model) if "timestep" in job.input_names else ([], [])

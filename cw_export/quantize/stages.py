@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,16 +122,40 @@ def _move_graph(src: Path, dst_dir: Path, name: str) -> bool:
     return external
 
 
+@dataclass
+class A16Fallback:
+    """The 16-bit-activation version of a graph the sweep put at 8 bits, held until the parity gate has spoken."""
+
+    file: Path
+    encodings: list[Path]
+    details: dict
+
+
+def _hold(result, name: str, fallback_dir: Path) -> A16Fallback:
+    """Copy an a16 result (graph + external data + encodings) out of the quantizer's scratch folder."""
+    folder = fallback_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in result.file.parent.glob(f"{name}.onnx*"):
+        shutil.copy2(f, folder / f.name)
+    encodings = []
+    if result.encodings is not None:
+        for f in result.encodings.parent.glob(f"{name}.*"):
+            encodings.append(Path(shutil.copy2(f, folder / f"encodings-{f.name}")))
+    return A16Fallback(folder / f"{name}.onnx", encodings, dict(result.details))
+
+
 def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: CalibrationSet, bundle: Path,
-                   progress: bool) -> dict[str, Path]:
-    """Quantize every UNet-side graph; returns graph name -> quantized file inside ``bundle``."""
+                   progress: bool, fallback_dir: Path | None = None) -> tuple[dict[str, Path], dict[str, A16Fallback]]:
+    """Quantize every UNet-side graph; returns graph name -> quantized file inside ``bundle``, and (with
+    ``fallback_dir``) the a16 versions of the graphs that went to 8-bit activations, for ``apply_fallbacks``."""
     from ..progress import progress_bar
 
     q = recipe.quantization
     backend = get_backend(q.backend)
     config = manifest_session_config(manifest)
     names = [g for g in QUANTIZED_GRAPHS if g in manifest["graphs"]]
-    placed = {}
+    placed: dict[str, Path] = {}
+    fallbacks: dict[str, A16Fallback] = {}
     with tempfile.TemporaryDirectory(prefix="cw-quantize-") as work:
         work = Path(work)
         fp32 = work / "fp32"
@@ -161,15 +185,20 @@ def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: Calibratio
                 if a8_margin(numbers, q) >= 0:
                     bits, result = 8, trial
                     reason = f"a8: sensitivity sweep {_describe(numbers)} within the recipe's floors"
+                    if fallback_dir is not None:
+                        fallbacks[name] = _hold(run(16), name, fallback_dir)
                 else:
                     bits = 16
                     reason = f"a16: 8-bit activations gave {_describe(numbers)}, below the recipe's floors"
                     if q.a8_layer_sweep != "off":
                         result = run(16)
+                        held = _hold(result, name, fallback_dir) if fallback_dir is not None else None
                         layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q)
                         sweep["layers"] = layers.as_dict()
                         if layers.a8_groups:
                             bits = "8+16"
+                            if held is not None:
+                                fallbacks[name] = held
                             reason = (f"a8 in {len(layers.a8_groups)} of {len(layers.margin_db)} "
                                       f"{q.a8_layer_sweep}s, a16 elsewhere: the per-{q.a8_layer_sweep} sweep keeps "
                                       f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})")
@@ -193,7 +222,26 @@ def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: Calibratio
     for name, entry in manifest["graphs"].items():
         if name not in placed:
             entry["quantization"] = {"backend": None, "reason": FP32_REASONS.get(name, "FP32: not quantized")}
-    return placed
+    return placed, fallbacks
+
+
+def apply_fallbacks(manifest: dict, bundle: Path, fallbacks: dict[str, A16Fallback], failures: list[str]) -> None:
+    """Put the held a16 graphs in place of their 8-bit versions after those failed the bundle's parity gate
+    (the sweep's floors are measured per graph on calibration inputs; the gate on whole held-out trajectories)."""
+    for name, held in fallbacks.items():
+        external = _move_graph(held.file, bundle / "graphs", name)
+        for stale in (bundle / "encodings").glob(f"{name}.*") if held.encodings else ():
+            stale.unlink()
+        for f in held.encodings:
+            shutil.move(str(f), bundle / "encodings" / f.name.removeprefix("encodings-"))
+        entry = manifest["graphs"][name]
+        quant = entry["quantization"]
+        first = {"precision": entry["precision"], "reason": quant["reason"], "gate_failures": list(failures)}
+        entry["precision"] = f"w{quant['weight_bits']}a16"
+        entry["external_data"] = external
+        quant.update({"activation_bits": 16, "details": held.details, "gate_fallback": first,
+                      "reason": f"a16: the sweep's 8-bit choice ({first['precision']}) failed the bundle's parity "
+                                f"gate ({'; '.join(failures)}), so this graph fell back to 16-bit activations"})
 
 
 def _a8_score(path: Path, graph, data, config: dict) -> dict:
@@ -277,7 +325,7 @@ def parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, 
     sessions = {name: create_session(path, config=config) for name, path in placed.items()}
     prompts = heldout_prompts(recipe)
     numbers = measure(manifest, graphs, sessions, text_encoder_fn(model), prompts, recipe.parity.seed,
-                      images=image_references(model, manifest, bundle))
+                      images=image_references(model, manifest, bundle), aggregate=recipe.parity.prompt_aggregate)
     verdict = gate(numbers, recipe.parity, allow_low_parity)
     thresholds = {k: v for k, v in asdict(recipe.parity).items() if k in PARITY_THRESHOLDS}
     manifest["parity"] = {"prompt_set": recipe.parity.heldout_set, "prompts_sha256": prompt_set_hash(prompts),

@@ -98,3 +98,33 @@ def test_graph_size_counts_external_data(tmp_path):
     (tmp_path / "low_res.onnx.data").write_bytes(b"x" * 1000)
     (tmp_path / "high_res_in.onnx").write_bytes(b"x" * 5)  # another graph's file is not counted
     assert graph_bytes(tmp_path / "low_res.onnx") == 1010
+
+
+def test_raise_opset_keeps_external_data_and_numerics(tmp_path):
+    """The ort backend raises a graph to opset 21 itself, without loading its weights (onnxruntime's own conversion
+    serialises the whole proto: fails above 2 GB). ReduceMean is one op whose form changes (axes attribute -> input)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cw_export.quantize.ort_backend import raise_opset
+    from cw_export.runtime.sessions import create_session
+
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("ReduceMean", ["y"], ["z"], axes=[1], keepdims=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 1])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "g.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="g.onnx.data", size_threshold=0)
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    before = create_session(path).run(None, {"x": x})[0]
+
+    assert raise_opset(path) is True
+    converted = onnx.load(str(path), load_external_data=False)
+    assert max(o.version for o in converted.opset_import if o.domain in ("", "ai.onnx")) == 21
+    assert converted.graph.initializer[0].data_location == TensorProto.EXTERNAL  # weights were not pulled in
+    np.testing.assert_allclose(create_session(path).run(None, {"x": x})[0], before, rtol=1e-6)
+    assert raise_opset(path) is False  # already there

@@ -65,3 +65,18 @@ def test_soc_table_is_data_not_a_target():
     assert "socs" not in available_targets() and "snapdragon-int8" in available_targets()
     with pytest.raises(RecipeError, match="unknown target 'socs'"):
         load_recipe("socs")
+
+
+def test_budget_flags_override_the_recipe(tmp_path, capsys):
+    """--calibration-samples and --a8-sweep (the SD 1.5-size budget knobs) reach the recipe; both need a quantized
+    target; a bad sweep depth is a usage error."""
+    from cw_export.cli import _apply_quantization_flags, build_parser
+    from cw_export.recipe import load_recipe
+
+    args = build_parser().parse_args(["--calibration-samples", "4", "--a8-sweep", "off"])
+    recipe = _apply_quantization_flags(load_recipe("snapdragon-int8"), args)
+    assert recipe.quantization.calibration_samples == 4 and recipe.quantization.a8_layer_sweep == "off"
+    code, err = run(["--target", "cpu-fp32", "--a8-sweep", "off", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "--a8-sweep only apply to quantized targets" in err
+    code, err = run(["--target", "snapdragon-int8", "--a8-sweep", "row", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "--a8-sweep" in err and not (tmp_path / "b").exists()

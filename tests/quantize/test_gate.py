@@ -54,6 +54,10 @@ def test_allowed_bundle_records_precision_parity_and_session_options(low_parity_
     assert "text encoder" in manifest["graphs"]["text_encoder"]["quantization"]["reason"]
     assert len(parity["steps"]) == 8 and all(0.9 < r["guidance_ratio"] < 1.1 for r in parity["steps"])
     assert parity["final_latent_psnr_db"] == parity["steps"][-1]["latent_psnr_db"] > 25.0
+    assert parity["prompt_aggregate"] == "median"  # the recipe's; one held-out prompt here
+    assert parity["final_latent_psnr_db_per_prompt"] == [parity["final_latent_psnr_db"]]
+    assert parity["image"]["vs_clockwork_fp32"]["psnr_db_per_prompt"] == [
+        parity["image"]["vs_clockwork_fp32"]["psnr_db"]]
     assert manifest["session_options"] == parity["session_options"] == {
         "graph_optimization_level": "basic", "disabled_optimizers": []}
     calibration = manifest["calibration"]
@@ -137,3 +141,58 @@ def test_image_gate_and_remeasure(low_parity_bundle):
     tampered = json.loads(json.dumps(recorded))
     tampered["image"]["vs_full_fp32"]["ssim"] -= 0.01
     assert any(d.startswith("image vs_full_fp32") for d in compare(tampered, recorded))
+
+
+def test_prompt_aggregate_keeps_one_chaotic_prompt_from_deciding():
+    """Four prompts at 40 dB and one near a bifurcation (its latent moved 100x more): pooled MSE is decided by that
+    prompt, the median is not; per-prompt values are kept either way."""
+    from cw_export.parity import AGGREGATES, step_table
+    from cw_export.recipe import PROMPT_AGGREGATES
+
+    assert set(AGGREGATES) == set(PROMPT_AGGREGATES)
+    peak = np.ones((5, 1))
+    mse = np.full((5, 1), 1e-4)
+    mse[3, 0] = 1e-2
+    ratios = np.array([[1.0], [1.0], [1.0], [1.5], [1.0]])
+    pooled = step_table(mse, peak, ratios, ["full"], "pooled")[0]
+    median = step_table(mse, peak, ratios, ["full"], "median")[0]
+    assert median["latent_psnr_db"] == 40.0 and median["guidance_ratio"] == 1.0
+    assert pooled["latent_psnr_db"] == pytest.approx(10 * np.log10(5 / (4e-4 + 1e-2)), abs=1e-3)  # ~26.8 dB
+    assert pooled["guidance_ratio"] == pytest.approx(1.1)
+    assert pooled["latent_psnr_db_per_prompt"] == median["latent_psnr_db_per_prompt"] == [40.0, 40.0, 40.0, 20.0, 40.0]
+
+
+def test_recipe_rejects_unknown_prompt_aggregate():
+    from cw_export.errors import RecipeError
+    from cw_export.recipe import RECIPES_DIR, parse_recipe
+
+    text = (RECIPES_DIR / "snapdragon-w8a16.toml").read_text(encoding="utf-8")
+    text = text.replace("[parity]\n", "[parity]\nprompt_aggregate = \"mean\"\n")
+    with pytest.raises(RecipeError, match="prompt_aggregate must be one of"):
+        parse_recipe(text, "x.toml")
+
+
+def test_a8_choice_that_fails_the_gate_falls_back_to_a16(tmp_path, quant):
+    """snapdragon-int8 keeps 8-bit activations only where the bundle's gate allows: with the sweep's floors off,
+    low_res goes to a8 whole (about 23 dB), the 30 dB graph gate refuses that bundle, and the build puts the a16
+    low_res back, measures again and passes; the first try is recorded."""
+    recipe = quant.small_recipe("snapdragon-int8").with_quantization(
+        a8_min_sqnr_db=0.0, a8_min_guidance_sqnr_db=0.0, a8_layer_sweep="off")
+    bundle = quant.build(recipe, tmp_path / "bundle")
+    manifest = read_manifest(bundle)
+    entry = manifest["graphs"]["low_res"]
+    assert entry["precision"] == "w8a16" and entry["quantization"]["activation_bits"] == 16
+    first = entry["quantization"]["gate_fallback"]
+    assert first["precision"] == "w8a8" and first["reason"].startswith("a8: sensitivity sweep")
+    assert any("low_res" in f for f in first["gate_failures"])
+    assert "fell back to 16-bit" in entry["quantization"]["reason"]
+    parity = manifest["parity"]
+    assert parity["gate"] == {"passed": True, "failures": [], "allowed_by_flag": False}
+    assert parity["graphs"]["low_res"]["sqnr_db"] >= 30.0
+    import onnx
+
+    qdq = onnx.load(str(bundle / "graphs" / "low_res.onnx"), load_external_data=False)
+    bits = {n.input[2] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    zero_points = {i.name: i.data_type for i in qdq.graph.initializer if i.name in bits}
+    assert onnx.TensorProto.UINT16 in zero_points.values()  # the graph on disk is the 16-bit one
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
