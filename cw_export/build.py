@@ -30,7 +30,7 @@ from .errors import InputError, ParityError
 from .export import ExportResult, export_graph
 from .graphs import TextEncoderGraph, VaeDecoderGraph
 from .handoff import write_handoff
-from .models.pipeline import SDModel, check_model_spec, load_model, write_tokenizer_files
+from .models.pipeline import SDModel, check_model_spec, load_model, shipped_adaptor, write_tokenizer_files
 from .progress import progress_bar
 from .recipe import Recipe
 from .report import write_report
@@ -319,14 +319,23 @@ def quantize_bundle(model: SDModel, recipe: Recipe, manifest: dict, bundle: Path
     stages.set_postfix_str("quantize")
     with tempfile.TemporaryDirectory(prefix="cw-a16-fallback-") as held:  # like the quantizers' scratch folders
         fallback_dir = Path(held)
+        fp32_held = q.hold_fp32(recipe, manifest, bundle, fallback_dir)
         placed, fallbacks = q.quantize_stage(recipe, manifest, graphs, calibration, bundle, options.progress,
                                              fallback_dir)
         stages.update()
         stages.set_postfix_str("parity")
+        parity = q.parity_stage(model, recipe, manifest, graphs, placed,
+                                options.allow_low_parity or bool(fallbacks) or bool(fp32_held), bundle)
+        # "keep FP32 where parity requires and say so": a text encoder / VAE decoder below the graph floor goes back
+        # to its FP32 export (reason + measured SQNR in its entry) and parity is measured again
+        if q.keep_fp32_where_parity_requires(manifest, bundle, fp32_held, placed, parity,
+                                             recipe.parity.graph_min_sqnr_db):
+            parity = q.parity_stage(model, recipe, manifest, graphs, placed,
+                                    options.allow_low_parity or bool(fallbacks), bundle)
+        elif fp32_held and not fallbacks:  # measured with the gate held open for the rule above: gate for real now
+            parity["gate"] = q.gate(parity, recipe.parity, options.allow_low_parity)
         # "8-bit activations wherever the gate allows": a graph the sweep put at 8 bits goes back to 16 when the
         # whole bundle then fails the gate, and parity is measured again (recorded in its quantization entry)
-        parity = q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity or bool(fallbacks),
-                                bundle)
         if fallbacks and not parity["gate"]["passed"]:
             q.apply_fallbacks(manifest, bundle, fallbacks, parity["gate"]["failures"])
             q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity, bundle)
@@ -352,17 +361,31 @@ def check_adaptor_checkpoint(recipe: Recipe, path: Path) -> None:
     check_schedule(read_checkpoint(path), b.sampler, b.steps, b.clock)
 
 
+def _fits_schedule(checkpoint, build) -> bool:
+    from .distill.checkpoint import check_schedule
+
+    try:
+        check_schedule(checkpoint, build.sampler, build.steps, build.clock)
+    except InputError:
+        return False
+    return True
+
+
 def load_learned_adaptor(model: SDModel, recipe: Recipe, options: BuildOptions, latent: tuple[int, int]):
-    """The --adaptor-checkpoint, checked against the model; without one, distilled now with the recipe's settings
+    """The --adaptor-checkpoint, checked against the model; without one, the adaptor the model ships with when it
+    fits the schedule (shapes), else distilled now with the recipe's settings
     (cw_export.distill; cached, so the next build with the same settings reuses it)."""
     from .distill.checkpoint import check_model, check_schedule, read_checkpoint
     from .distill.train import distill_for_build
 
-    if options.adaptor_checkpoint is None:
+    b = recipe.build
+    shipped = shipped_adaptor(model) if options.adaptor_checkpoint is None else None
+    if shipped is not None and _fits_schedule(read_checkpoint(shipped), b):
+        checkpoint = read_checkpoint(shipped)  # the model's own distilled adaptor (models/shapes_adaptor.safetensors)
+    elif options.adaptor_checkpoint is None:
         checkpoint = distill_for_build(model, recipe, latent, progress=options.progress)
     else:
         checkpoint = read_checkpoint(options.adaptor_checkpoint)
-    b = recipe.build
     check_schedule(checkpoint, b.sampler, b.steps, b.clock)
     check_model(checkpoint, model.source["sha256"],
                 default_adaptor_config(model.unet, model.text_encoder.config.hidden_size))

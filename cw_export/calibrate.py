@@ -6,7 +6,9 @@ Steps:
      guidance and adaptor; batch [uncond, cond]) with the torch graphs, and at each step read every graph's inputs
      from the step's slots, so ``low_res`` sees full-step inputs and the adaptor clocked-step inputs
   3. keep at most ``calibration_samples`` samples per graph, stratified over the steps that graph runs at, and write
-     each kept sample to disk as it is produced (memory stays at one trajectory)
+     each kept sample to disk as it is produced (memory stays at one trajectory); the once-per-image graphs get one
+     sample per prompt: the text encoder its token ids ([uncond, cond], which also give the trajectory its
+     embeddings through the FP32 text encoder graph), the VAE decoder the trajectory's final latents
   4. write ``meta.json`` last and rename the folder into the cache: a later build with the same settings (model
      hash, prompts hash, steps, clock, guidance, sampler, adaptor, shapes, seeds, cap) reuses it
 
@@ -29,9 +31,10 @@ from .cache import META_NAME, cache_root, cached_entry
 from .runtime.pipeline import BundleRunner
 from .runtime.schedule import step_kinds
 
-CALIBRATION_FORMAT = 1  # bump when the on-disk layout or the capture changes: old cache entries are then ignored
+CALIBRATION_FORMAT = 2  # bump when the on-disk layout or the capture changes: old cache entries are then ignored
+# (2: text_encoder token ids and vae_decoder final latents are captured too)
 
-TextEncoder = Callable[[str], tuple[np.ndarray, np.ndarray]]
+Tokenize = Callable[[str], np.ndarray]  # prompt -> input_ids [2, 77] int64 for [uncond, cond]
 
 
 # -- graphs as sessions --------------------------------------------------------------------------------------------
@@ -214,24 +217,34 @@ def _open(folder: Path, settings: CalibrationSettings, reused: bool) -> Calibrat
 
 
 # -- capture -------------------------------------------------------------------------------------------------------
-def collect(manifest: dict, graphs: dict, encode: TextEncoder, prompts: list[str], settings: CalibrationSettings,
+def collect(manifest: dict, graphs: dict, tokenize: Tokenize, prompts: list[str], settings: CalibrationSettings,
             cache: Path | None = None, progress: bool = False) -> CalibrationSet:
     """The calibration data of ``settings``: from the cache when present, else captured (and cached).
 
-    ``graphs`` maps every graph name of ``manifest`` to a session-like FP32 graph (``TorchGraph``); ``encode`` turns
-    a prompt into (encoder_hidden_states, pooled_text) for [uncond, cond].
+    ``graphs`` maps every graph name of ``manifest`` to a session-like FP32 graph (``TorchGraph``), the text encoder
+    included: ``tokenize`` turns a prompt into token ids, the text encoder graph turns those into the embeddings.
     """
     root = (cache or cache_root()) / "calibration"
     folder, reused = cached_entry(
-        root, settings.key(), lambda tmp: _capture(manifest, graphs, encode, prompts, settings, tmp, progress))
+        root, settings.key(), lambda tmp: _capture(manifest, graphs, tokenize, prompts, settings, tmp, progress))
     return _open(folder, settings, reused=reused)
 
 
-def _capture(manifest: dict, graphs: dict, encode: TextEncoder, prompts: list[str], settings: CalibrationSettings,
+def image_graph_steps(manifest: dict, steps: int) -> dict[str, list[int]]:
+    """The once-per-image graphs and the step index their sample is recorded at: the text encoder runs before
+    step 0, the VAE decoder after the last step (index ``steps``)."""
+    wiring = manifest["wiring"]
+    return {g: [i] for g, i in ((wiring["text"]["graph"], 0), (wiring["decode"]["graph"], steps))
+            if g in manifest["graphs"]}
+
+
+def _capture(manifest: dict, graphs: dict, tokenize: Tokenize, prompts: list[str], settings: CalibrationSettings,
              out: Path, progress: bool) -> dict:
-    per_graph_steps = graph_steps(manifest, settings.steps, settings.clock)
+    per_graph_steps = {**graph_steps(manifest, settings.steps, settings.clock),
+                       **image_graph_steps(manifest, settings.steps)}
     keep = {g: stratified_selection(len(prompts), steps, settings.samples_per_graph)
             for g, steps in per_graph_steps.items()}
+    text, decode = manifest["wiring"]["text"], manifest["wiring"]["decode"]
     files: dict[str, list[tuple[int, int, str]]] = {g: [] for g in per_graph_steps}
     for g in per_graph_steps:
         (out / g).mkdir()
@@ -240,16 +253,23 @@ def _capture(manifest: dict, graphs: dict, encode: TextEncoder, prompts: list[st
 
     for p, prompt in progress_bar(enumerate(prompts), enabled=progress, total=len(prompts), desc="calibrate",
                                   unit="prompt"):
-        hidden, pooled = encode(prompt)
+        def save(graph: str, i: int, feeds: dict[str, np.ndarray], p: int = p) -> None:
+            if (p, i) in keep.get(graph, ()):
+                rel = f"{graph}/p{p:04d}_s{i:03d}.npz"
+                np.savez(out / rel, **feeds)
+                files[graph].append((p, i, rel))
 
-        def on_step(i: int, kind: str, slots: dict, p: int = p) -> None:
+        ids = tokenize(prompt)
+        save(text["graph"], 0, {text["input"]: ids})
+        hidden, pooled = runner.encode_ids(ids)
+
+        def on_step(i: int, kind: str, slots: dict) -> None:
             for graph in manifest["wiring"]["steps"][kind]:
-                if (p, i) in keep.get(graph, ()):
-                    rel = f"{graph}/p{p:04d}_s{i:03d}.npz"
-                    np.savez(out / rel, **graph_feeds(manifest, graph, slots))
-                    files[graph].append((p, i, rel))
+                save(graph, i, graph_feeds(manifest, graph, slots))
 
-        runner.generate(hidden, pooled, unit_noise(list(settings.latent_shape), settings.seed + p), on_step=on_step)
+        trajectory = runner.generate(hidden, pooled, unit_noise(list(settings.latent_shape), settings.seed + p),
+                                     on_step=on_step)
+        save(decode["graph"], settings.steps, {decode["input"]: trajectory.latents.astype(np.float32)})
     # order samples step-major so that any prefix / evenly spaced subset covers the trajectory
     return {"settings": asdict(settings),
             "graphs": {g: {"files": [rel for _, _, rel in sorted(entries, key=lambda e: (e[1], e[0]))],

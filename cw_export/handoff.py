@@ -294,7 +294,8 @@ def _graphs_section(bundle: Path, manifest: dict) -> str:
             for spec in graph[kind]:
                 row = [kind[:-1], f"`{spec['name']}`", _shape(spec)]
                 if quant.get("backend"):
-                    row.append(qdq.get(spec["name"], "float (not quantized at the boundary)"))
+                    unquantized = "float" if spec.get("dtype", "float32").startswith("float") else spec["dtype"]
+                    row.append(qdq.get(spec["name"], f"{unquantized} (not quantized at the boundary)"))
                 if enc:
                     row.append(enc.get(spec["name"], "—"))
                 rows.append(row)

@@ -2,11 +2,15 @@
 
 On held-out prompts (never the calibration prompts), with the session settings the runtime will use:
   1. per graph: SQNR of the quantized ORT graph vs the FP32 torch graph on the same inputs (the FP32 trajectory's
-     inputs at every step where that graph runs), signal and noise power pooled over samples, worst output counted
-  2. per step: latent PSNR of the quantized clocked trajectory vs the FP32 clocked torch trajectory from the same
-     noise (PSNR = 10 log10(max|FP32 latent|^2 / MSE), MSE pooled over prompts)
-  3. per step: guidance ratio std(cond - uncond) quantized / FP32 (mean over prompts): quantization that shrinks the
-     guidance direction changes the image even when the latents look close
+     inputs at every step where that graph runs; the text encoder on the held-out prompts' token ids, the VAE
+     decoder on the FP32 trajectories' final latents), signal and noise power pooled over samples, worst output
+     counted
+  2. per step: latent PSNR of the quantized clocked trajectory (its embeddings from the bundle's text encoder,
+     quantized or not) vs the FP32 clocked torch trajectory from the same noise
+     (PSNR = 10 log10(max|FP32 latent|^2 / MSE)), combined over prompts as the recipe says (``AGGREGATES``)
+  3. per step: guidance ratio std(cond - uncond) of the quantized UNet step / of the FP32 one on the same (FP32
+     trajectory) inputs: quantization that shrinks the guidance direction changes the image even when the latents
+     look close; the same ratio along each trajectory's own path is recorded too
   4. final latent PSNR (the last step's)
 Thresholds come from the recipe's [parity] section; ``gate`` names the worst graph and step.
 """
@@ -61,6 +65,11 @@ class _Pooled:
                 self.guidance_signal[name] = self.guidance_signal.get(name, 0.0) + float(np.sum(diff**2))
                 self.guidance_noise[name] = self.guidance_noise.get(name, 0.0) + float(np.sum((err[1] - err[0])**2))
 
+    def add_run(self, reference, actual, feeds: dict[str, np.ndarray]) -> None:
+        """One sample: ``reference`` (FP32 TorchGraph) and ``actual`` (quantized session) on the same feeds."""
+        names = reference.output_names
+        self.add(dict(zip(names, reference.run(names, feeds))), dict(zip(names, actual.run(names, feeds))))
+
     def result(self) -> dict:
         outputs = {name: _db(self.signal[name], self.noise[name]) for name in sorted(self.signal)}
         out = {"sqnr_db": min(outputs.values()), "outputs": outputs, "samples": self.samples}
@@ -73,9 +82,8 @@ class _Pooled:
 def graph_sqnr(session, reference, samples) -> dict:
     """SQNR of ``session`` (quantized ORT) vs ``reference`` (FP32 TorchGraph) over an iterable of feeds."""
     pooled = _Pooled()
-    names = reference.output_names
     for feeds in samples:
-        pooled.add(dict(zip(names, reference.run(names, feeds))), dict(zip(names, session.run(names, feeds))))
+        pooled.add_run(reference, session, feeds)
     return pooled.result()
 
 
@@ -122,6 +130,23 @@ def image_parity(images: ImageReferences, hidden_states: list[np.ndarray], noise
                           "bundle's images by its vae_decoder graph in onnxruntime"}
 
 
+def same_input_guidance_ratio(manifest: dict, runner, kind: str, slots: dict) -> float:
+    """std(cond - uncond) of the quantized UNet step / of the FP32 one, both on the FP32 trajectory's step inputs.
+
+    Measured on the same inputs so that it shows what quantization does to the guidance signal (the collapse that
+    made a w8a16 UNet's images near-monochrome), not how far the two trajectories have drifted apart: along its own
+    trajectory a trained model's ratio moves by 10-27% per prompt at late steps even at W8A16 (shapes model), which
+    is divergence, not a guidance defect (that ratio is recorded per prompt as well)."""
+    wiring = manifest["wiring"]
+    produced = {slot for graph in wiring["steps"][kind] for slot in wiring["graphs"][graph]["outputs"].values()}
+    forced = {name: value for name, value in slots.items() if name not in produced}
+    for graph in wiring["steps"][kind]:
+        runner._run_graph(graph, forced)
+    ours = np.diff(np.split(forced[wiring["step_output"]], 2), axis=0)
+    ref = np.diff(np.split(slots[wiring["step_output"]], 2), axis=0)
+    return float(np.std(ours)) / max(float(np.std(ref)), 1e-30)
+
+
 def step_table(latent_mse: np.ndarray, latent_peak: np.ndarray, ratios: np.ndarray, kinds: list[str],
                aggregate: str) -> list[dict]:
     """Per-step rows from [prompt, step] arrays of latent MSE, max|FP32 latent| and guidance ratio."""
@@ -139,10 +164,13 @@ def step_table(latent_mse: np.ndarray, latent_peak: np.ndarray, ratios: np.ndarr
     return rows
 
 
-def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts: list[str], seed: int,
-            images: ImageReferences | None = None, aggregate: str = "pooled") -> dict:
-    """All parity numbers for ``quantized`` (graph name -> ORT session) against ``fp32_graphs`` (TorchGraphs);
-    with ``images``, also end-to-end image parity (``image_parity``).
+def measure(manifest: dict, fp32_graphs: dict, quantized: dict, tokenize: Callable[[str], np.ndarray],
+            prompts: list[str], seed: int, images: ImageReferences | None = None, aggregate: str = "pooled") -> dict:
+    """All parity numbers for ``quantized`` (graph name -> ORT session) against ``fp32_graphs`` (TorchGraphs, the
+    text encoder and VAE decoder included); with ``images``, also end-to-end image parity (``image_parity``).
+
+    ``tokenize`` gives each prompt's token ids: the FP32 trajectory takes its embeddings from the FP32 text encoder,
+    the quantized one from ``quantized``'s text encoder where there is one, so latent and image parity are end to end.
 
     ``aggregate`` says how trajectory numbers combine over prompts (``AGGREGATES``): a trained model has prompts
     whose trajectory sits near a bifurcation, where any perturbation moves the final latent far (measured on the
@@ -158,10 +186,16 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts:
     latent_mse = np.zeros((len(prompts), steps))
     latent_peak = np.zeros((len(prompts), steps))
     ratios = np.zeros((len(prompts), steps))
+    trajectory_ratios = np.zeros((len(prompts), steps))
     kinds: list[str] = []
     finals: dict[str, list[np.ndarray]] = {"hidden": [], "noise": [], "fp32": [], "quantized": []}
+    text, decode = manifest["wiring"]["text"], manifest["wiring"]["decode"]
     for k, prompt in enumerate(prompts):
-        hidden, pooled_text = encode(prompt)
+        ids = tokenize(prompt)
+        hidden, pooled_text = reference_runner.encode_ids(ids)
+        ours_hidden, ours_pooled = quantized_runner.encode_ids(ids)
+        if text["graph"] in quantized:
+            pooled[text["graph"]].add_run(fp32_graphs[text["graph"]], quantized[text["graph"]], {text["input"]: ids})
         noise = unit_noise(manifest["latent"]["shape"], seed + k)
 
         def on_step(i: int, kind: str, slots: dict) -> None:
@@ -171,9 +205,13 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts:
                     names = list(outputs)
                     actual = quantized[graph].run(names, graph_feeds(manifest, graph, slots))
                     pooled[graph].add(outputs, dict(zip(names, actual)))
+            ratios[k, i] = same_input_guidance_ratio(manifest, quantized_runner, kind, slots)
 
         ref = reference_runner.generate(hidden, pooled_text, noise, on_step=on_step)
-        ours = quantized_runner.generate(hidden, pooled_text, noise)
+        ours = quantized_runner.generate(ours_hidden, ours_pooled, noise)
+        if decode["graph"] in quantized:
+            pooled[decode["graph"]].add_run(fp32_graphs[decode["graph"]], quantized[decode["graph"]],
+                                            {decode["input"]: ref.latents.astype(np.float32)})
         kinds = ref.kinds
         if images is not None:
             for key, value in (("hidden", hidden), ("noise", noise), ("fp32", ref.latents),
@@ -183,8 +221,10 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, encode, prompts:
             a, b = ref.step_latents[i].astype(np.float64), ours.step_latents[i].astype(np.float64)
             latent_mse[k, i] = float(np.mean((a - b) ** 2))
             latent_peak[k, i] = float(np.max(np.abs(a)))
-            ratios[k, i] = ours.guidance_ratios[i] / max(ref.guidance_ratios[i], 1e-30)
+            trajectory_ratios[k, i] = ours.guidance_ratios[i] / max(ref.guidance_ratios[i], 1e-30)
     step_rows = step_table(latent_mse, latent_peak, ratios, kinds, aggregate)
+    for i, row in enumerate(step_rows):  # recorded, not gated: it mixes quantization with trajectory divergence
+        row["guidance_ratio_own_trajectory_per_prompt"] = [round(float(r), 5) for r in trajectory_ratios[:, i]]
     numbers = {
         "prompts": list(prompts), "seeds": [seed + k for k in range(len(prompts))],
         "graphs": {graph: p.result() for graph, p in sorted(pooled.items())},

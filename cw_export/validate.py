@@ -526,7 +526,7 @@ def quantized_parity_checks(bundle: Path, manifest: dict, model, provider: str =
     from types import SimpleNamespace
 
     from .parity import compare, failures, measure
-    from .quantize.stages import image_references, text_encoder_fn, torch_graphs
+    from .quantize.stages import image_references, tokenizer_fn, torch_graphs
     from .runtime.sessions import create_session, manifest_session_config
 
     recorded = manifest["parity"]
@@ -541,7 +541,7 @@ def quantized_parity_checks(bundle: Path, manifest: dict, model, provider: str =
                                      precision=manifest["graphs"][name].get("precision"))
                 for name in recorded["graphs"]}
     images = image_references(model, manifest, bundle, provider) if "image" in recorded else None
-    numbers = measure(manifest, graphs, sessions, text_encoder_fn(model), recorded["prompts"],
+    numbers = measure(manifest, graphs, sessions, tokenizer_fn(model), recorded["prompts"],
                       recorded["seeds"][0], images=images, aggregate=recorded.get("prompt_aggregate", "pooled"))
     if provider != "cpu":
         minimum = recorded["thresholds"].get("graph_min_sqnr_db", 0)

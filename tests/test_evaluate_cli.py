@@ -146,3 +146,41 @@ def test_a_provider_that_cannot_run_the_bundle_is_recorded_not_faked(learned_bun
     assert "LayerNormalization" in htp["error"]
     assert result["clockwork_fp32_cpu"]["prompt_accuracy"] is not None
     assert "clockwork_fp32_htp not measured" in capsys.readouterr().err
+
+
+def test_a_retrained_copy_of_the_shapes_model_is_accepted(tmp_path):
+    """A folder with the shapes model's architecture (e.g. tools/train_builtin.py --out DIR after more training) is
+    scored; a folder with another architecture is refused."""
+    import shutil
+
+    from cw_export.errors import InputError
+    from cw_export.evaluate.command import check_shapes_bundle
+
+    retrained = tmp_path / "retrained"
+    for part in ("unet", "text_encoder", "vae"):
+        (retrained / part).mkdir(parents=True)
+        shutil.copy(SHAPES_DIR / part / "config.json", retrained / part / "config.json")
+    manifest = {"source_model": {"kind": "folder", "path": str(retrained), "sha256": "0" * 64}}
+    check_shapes_bundle(tmp_path, manifest)
+    config = json.loads((retrained / "unet" / "config.json").read_text())
+    config["block_out_channels"] = [c * 2 for c in config["block_out_channels"]]
+    (retrained / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="not the shapes model or a retrained copy"):
+        check_shapes_bundle(tmp_path, manifest)
+
+
+def test_shapes_builds_with_its_shipped_adaptor(tmp_path):
+    """--model shapes --adaptor learned needs no distillation: the model ships its adaptor for the recipe schedule
+    (DPM++ 2M, 8 steps, clock 2), the manifest records that file's sha256 and evaluate finds it without a flag."""
+    import hashlib
+
+    from cw_export.evaluate.command import find_adaptor_checkpoint
+    from cw_export.models.pipeline import SHAPES_ADAPTOR
+    from cw_export.runtime.manifest import read_manifest
+
+    out = tmp_path / "b"
+    assert main(["--model", "shapes", "--target", "cpu-fp32", "--adaptor", "learned", "--out", str(out),
+                 "--quiet"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["adaptor"]["checkpoint_sha256"] == hashlib.sha256(SHAPES_ADAPTOR.read_bytes()).hexdigest()
+    assert find_adaptor_checkpoint(manifest, None) == SHAPES_ADAPTOR

@@ -83,7 +83,7 @@ def test_intact_bundle_passes_every_lint_check(int8_bundle, capsys):
     code, lines = _validate(int8_bundle, capsys)
     assert code == 0, lines
     graphs = _quantized_graphs(_manifest(int8_bundle))
-    assert len(graphs) == 3
+    assert len(graphs) == 5  # the UNet-side graphs, the text encoder and the VAE decoder
     for name in graphs:
         for check in ("onnx + I/O", "encodings", "encodings vs QDQ", "QDQ pairs"):
             assert lines[f"{name} {check}"].startswith("PASS"), (name, check, lines)
@@ -188,13 +188,13 @@ def test_declared_bit_width_and_opset_are_checked_against_the_graphs(bundle, cap
     name = _quantized_graphs(manifest)[0]
     manifest["graphs"][name]["quantization"]["activation_bits"] = 8
     manifest["graphs"][name]["quantization"]["details"]["timestep_bits"] = None
-    manifest["recipe"]["export"]["opset"] = 16
+    manifest["graphs"]["text_encoder"]["quantization"]["details"]["opset"] = 16  # every graph is quantized now
     _rehash(bundle, manifest)
     code, lines = _validate(bundle, capsys)
     assert code == 2
     assert "zero point uint16 is not 8-bit as the manifest declares" in lines[f"{name} QDQ pairs"]
     assert lines["opset + versions"].startswith("FAIL")
-    assert "text_encoder: opset 17 in the ONNX graph, 16 in the manifest" in lines["opset + versions"]
+    assert "text_encoder: opset 21 in the ONNX graph, 16 in the manifest" in lines["opset + versions"]
 
 
 def test_int8_readme_gives_io_quantization_and_measured_parity(int8_bundle):

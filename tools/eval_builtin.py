@@ -1,6 +1,6 @@
 """Measure prompt accuracy and the Fréchet distance of a model's images (full FP32 and Clockwork FP32).
 
-  python tools/eval_builtin.py [--model cw_export/models/builtin] [--split held_out|train] [--repeats 4]
+  python tools/eval_builtin.py [--model shapes] [--split held_out|train] [--repeats 4]
                                [--clocks 1 2] [--steps 8] [--guidance 7.5] [--json OUT] [--grid OUT.png]
 
 ``--model``: a diffusers folder or a built-in name. Prints one JSON object (also written to ``--json``).
@@ -19,7 +19,7 @@ from cw_export.evaluate.generate import generate_images
 from cw_export.evaluate.report import evaluate_model, held_out_captions, image_grid, train_captions
 from cw_export.models.pipeline import load_model
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "cw_export" / "models" / "builtin")
+DEFAULT_MODEL = "shapes"  # cw_export/models/builtin
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,10 @@ def main(argv=None) -> int:
     captions = held_out_captions(args.repeats) if args.split == "held_out" else train_captions(args.repeats)
     result = evaluate_model(model, captions, clocks=tuple(args.clocks), seed=args.seed, steps=args.steps,
                             guidance_scale=args.guidance)
-    result["settings"].update({"model": args.model, "split": args.split, "repeats": args.repeats})
+    # the weights' hash, not a path on this machine, identifies the model in the committed results
+    result["settings"].update({"model": args.model if not Path(args.model).is_absolute() else Path(args.model).name,
+                               "model_sha256": model.source.get("sha256"), "split": args.split,
+                               "repeats": args.repeats})
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.json:

@@ -50,19 +50,34 @@ def bundle_precision(manifest: dict) -> str:
     return "int8" if any(g.get("precision", "fp32") != "fp32" for g in manifest["graphs"].values()) else "fp32"
 
 
+def _same_architecture(folder: Path, reference: Path) -> bool:
+    """Whether ``folder`` holds a pipeline with the reference's UNet, text-encoder and VAE configs."""
+    def config(root: Path, part: str) -> dict | None:
+        path = root / part / "config.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {k: v for k, v in data.items() if not k.startswith("_")}
+
+    parts = ("unet", "text_encoder", "vae")
+    return all(config(folder, p) is not None and config(folder, p) == config(reference, p) for p in parts)
+
+
 def check_shapes_bundle(bundle: Path, manifest: dict) -> None:
     """The classifier only knows the shapes data set, so only a bundle of the shapes model can be scored."""
     source = manifest.get("source_model") or {}
     if source.get("name") == SHAPES_MODEL:
         return
-    if source.get("sha256"):
-        from ..models.pipeline import SHAPES_DIR, folder_hash
+    from ..models.pipeline import SHAPES_DIR, folder_hash
 
+    if source.get("sha256"):
         if (SHAPES_DIR / "model_index.json").is_file() and source["sha256"] == folder_hash(SHAPES_DIR):
             return
+    if source.get("kind") == "folder" and _same_architecture(Path(source.get("path", "")), SHAPES_DIR):
+        return  # a retrained shapes model (tools/train_builtin.py --out DIR): same data set, same classifier
     built_from = source.get("name") or source.get("path") or "an unknown model"
     raise InputError(f"cw-export evaluate scores images with the shapes classifier; bundle {bundle} was built from "
-                     f"'{built_from}', not the shapes model (build one with: cw-export --model shapes ...)")
+                     f"'{built_from}', not the shapes model or a retrained copy of it (build one with: cw-export --model shapes ...)")
 
 
 def load_captions(prompts: Path | None, repeats: int, limit: int) -> list[str]:
@@ -90,13 +105,17 @@ def load_captions(prompts: Path | None, repeats: int, limit: int) -> list[str]:
 
 
 def find_adaptor_checkpoint(manifest: dict, given: Path | None) -> Path:
-    """The learned adaptor's torch weights: ``given``, else the build cache's entry with the bundle's sha256."""
+    """The learned adaptor's torch weights: ``given``, else the shipped shapes adaptor or the build cache's entry,
+    whichever has the bundle's sha256."""
     import hashlib
 
     from ..cache import cache_root
 
     wanted = manifest["adaptor"].get("checkpoint_sha256")
-    candidates = [given] if given is not None else sorted((cache_root() / "adaptors").glob("*.safetensors"))
+    from ..models.pipeline import SHAPES_ADAPTOR
+
+    candidates = [given] if given is not None else [SHAPES_ADAPTOR,
+                                                     *sorted((cache_root() / "adaptors").glob("*.safetensors"))]
     for path in candidates:
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == wanted:
             return path

@@ -247,6 +247,15 @@ ARCHITECTURE_NAMES = tuple(configs.ARCHITECTURES)  # sd15-arch, sd21-arch
 
 SHAPES_NAME = "shapes"  # the small text-to-image model trained by tools/train_builtin.py (docs/builtin_model.md)
 SHAPES_DIR = Path(__file__).with_name("builtin")
+# its learned Clockwork adaptor, distilled on the shapes training captions (DPM++ 2M, 8 steps, clock 2; docs/builtin_model.md)
+SHAPES_ADAPTOR = Path(__file__).with_name("shapes_adaptor.safetensors")
+
+
+def shipped_adaptor(model: "SDModel") -> Path | None:
+    """The adaptor checkpoint that ships with a built-in model (only ``shapes`` has one), if present."""
+    if model.source.get("name") == SHAPES_NAME and SHAPES_ADAPTOR.is_file():
+        return SHAPES_ADAPTOR
+    return None
 
 
 def build_shapes_model() -> SDModel:

@@ -24,10 +24,14 @@ BACKENDS: dict[str, str] = {
 ACTIVATION_BITS = (8, 16)
 WEIGHT_BITS = (8,)
 LAYER_SWEEPS = ("off", "block", "layer")  # granularity of the per-layer a8 sweep (cw_export.quantize.mixed)
-QUANTIZED_GRAPHS = ("high_res_in", "low_res", "adaptor", "high_res_out")  # text_encoder stays FP32 (own issue)
-FP32_REASONS = {  # why a graph outside QUANTIZED_GRAPHS stays FP32 (recorded per graph in the manifest)
-    "text_encoder": "FP32: text encoder precision is handled by a separate issue; it runs once per image, not per step",
-    "vae_decoder": "FP32: the VAE decoder runs once per image after the loop; its precision is out of this scope",
+LOOP_GRAPHS = ("high_res_in", "low_res", "adaptor", "high_res_out")  # the denoising loop: always quantized
+IMAGE_GRAPHS = ("text_encoder", "vae_decoder")  # once per image: quantized only where the recipe names them
+QUANTIZED_GRAPHS = LOOP_GRAPHS + IMAGE_GRAPHS  # every graph a recipe may quantize
+FP32_REASONS = {  # why a graph the recipe does not quantize stays FP32 (recorded per graph in the manifest)
+    "text_encoder": "FP32: the recipe's activation_bits does not name text_encoder (the once-per-image graphs are "
+                    "quantized only where a recipe asks; the snapdragon recipes ask for w8a16)",
+    "vae_decoder": "FP32: the recipe's activation_bits does not name vae_decoder (the once-per-image graphs are "
+                   "quantized only where a recipe asks; the snapdragon recipes ask for w8a16)",
 }
 
 
@@ -76,15 +80,23 @@ def check_settings(settings) -> None:
         if isinstance(bits, bool) or bits not in ACTIVATION_BITS:
             raise RecipeError(f"[quantization] activation_bits.{graph} = {bits!r}; must be one of {ACTIVATION_BITS}")
     for graph in settings.a8_candidates:
-        if graph not in QUANTIZED_GRAPHS:
-            raise RecipeError(f"[quantization] a8_candidates names unknown graph '{graph}'; "
-                              f"quantized graphs: {', '.join(QUANTIZED_GRAPHS)}")
+        if graph not in LOOP_GRAPHS:
+            known = "graph the a8 sweep does not cover" if graph in IMAGE_GRAPHS else "unknown graph"
+            raise RecipeError(f"[quantization] a8_candidates names {known} '{graph}'; "
+                              f"sweep graphs: {', '.join(LOOP_GRAPHS)}")
     if settings.a8_layer_sweep not in LAYER_SWEEPS:
         raise RecipeError(f"[quantization] a8_layer_sweep = {settings.a8_layer_sweep!r}; "
                           f"must be one of {', '.join(LAYER_SWEEPS)}")
     for name in ("calibration_prompts", "calibration_samples"):
         if getattr(settings, name) < 1:
             raise RecipeError(f"[quantization] {name} must be >= 1, got {getattr(settings, name)}")
+
+
+def graphs_to_quantize(settings, graphs) -> list[str]:
+    """The graphs of a bundle (``graphs``: its names) this recipe quantizes: every denoising-loop graph, and a
+    once-per-image graph only where ``activation_bits`` names it (so a recipe written before they could be
+    quantized keeps them FP32)."""
+    return [g for g in QUANTIZED_GRAPHS if g in graphs and (g in LOOP_GRAPHS or g in settings.activation_bits)]
 
 
 def planned_bits(settings, graph: str) -> int:

@@ -93,9 +93,34 @@ def _quantizable_processor_class():
     return QuantizableAttnProcessor
 
 
+def _register_quick_gelu() -> None:
+    """A quantized QuickGELU (CLIP's MLP activation, x * sigmoid(1.702 x)): aimet has no class for it and refuses to
+    build the sim without one; with it the activation's output is quantized like any module's (aimet's template)."""
+    import torch
+    from aimet_torch.nn import QuantizationMixin
+    from transformers.activations import QuickGELUActivation
+
+    @QuantizationMixin.implements(QuickGELUActivation)
+    class QuantizedQuickGELUActivation(QuantizationMixin, QuickGELUActivation):
+        def __quant_init__(self) -> None:
+            super().__quant_init__()
+            self.input_quantizers = torch.nn.ModuleList([None])
+            self.output_quantizers = torch.nn.ModuleList([None])
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - aimet's signature
+            if self.input_quantizers[0]:
+                input = self.input_quantizers[0](input)
+            with self._patch_quantized_parameters():
+                ret = super().forward(input)
+            if self.output_quantizers[0]:
+                ret = self.output_quantizers[0](ret)
+            return ret
+
+
 @contextlib.contextmanager
 def quantizable_scope(module):
-    """Timesteps excluded from aimet + quantizable attention processors; both undone on exit."""
+    """Timesteps excluded from aimet, quantizable attention processors, a quantized QuickGELU (CLIP text encoder);
+    all undone on exit."""
     from aimet_torch.nn import QuantizationMixin
     from diffusers.models.attention_processor import Attention
     from diffusers.models.embeddings import Timesteps
@@ -107,6 +132,7 @@ def quantizable_scope(module):
     saved_processors = [m.processor for m in attentions]
     try:
         QuantizationMixin.ignore(Timesteps)
+        _register_quick_gelu()
         for attention in attentions:
             attention.set_processor(processor_cls())
         yield

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..parity import ImageReferences, gate, graph_sqnr, measure
 from ..prompts import load_prompt_set, prompt_set_hash
 from ..runtime.sessions import create_session, manifest_session_config
-from . import FP32_REASONS, QUANTIZED_GRAPHS, GraphJob, get_backend, planned_bits
+from . import FP32_REASONS, IMAGE_GRAPHS, GraphJob, get_backend, graphs_to_quantize, planned_bits
 
 SWEEP_SAMPLES = 8  # calibration samples the a8 sensitivity sweep measures each candidate on
 
@@ -32,6 +32,16 @@ def text_encoder_fn(model):
         return hidden.numpy(), pooled.numpy()
 
     return encode
+
+
+def tokenizer_fn(model):
+    """prompt -> input_ids [2, 77] int64 for [uncond, cond], as diffusers' pipeline tokenizes (the text encoder
+    graph's input: calibration and parity run it, FP32 or quantized, on these ids)."""
+
+    def tokenize(prompt: str) -> np.ndarray:
+        return model.tokenize(["", prompt]).numpy().astype(np.int64)
+
+    return tokenize
 
 
 def _keep_inputs(module, call_names: list[str], kept: list[str]):
@@ -57,21 +67,25 @@ def _keep_inputs(module, call_names: list[str], kept: list[str]):
 
 
 def torch_graphs(model, manifest: dict, adaptor_state: dict | None = None) -> dict[str, TorchGraph]:
-    """The FP32 torch graph behind every UNet-side graph of ``manifest``, as session-like objects."""
+    """The FP32 torch graph behind every graph of ``manifest`` (UNet side, text encoder, VAE decoder), as
+    session-like objects."""
     from ..adaptor import build_adaptor, default_adaptor_config
     from ..build import make_wiring
+    from ..graphs import TextEncoderGraph, VaeDecoderGraph
     from ..split import split_unet
 
     split = split_unet(model.unet)
-    modules = {"high_res_in": split.high_res_in, "low_res": split.low_res, "high_res_out": split.high_res_out}
+    modules = {"high_res_in": split.high_res_in, "low_res": split.low_res, "high_res_out": split.high_res_out,
+               "text_encoder": TextEncoderGraph(model.text_encoder), "vae_decoder": VaeDecoderGraph(model.vae)}
     if "adaptor" in manifest["graphs"]:
         config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
         modules["adaptor"] = build_adaptor(config, adaptor_state)
     graphs = {}
+    wiring = make_wiring(split.num_skips, manifest["adaptor"]["kind"])["graphs"]
     for name, module in modules.items():
         spec = manifest["graphs"][name]
         kept = [s["name"] for s in spec["inputs"]]
-        call_names = list(make_wiring(split.num_skips, manifest["adaptor"]["kind"])["graphs"][name]["inputs"])
+        call_names = list(wiring[name]["inputs"]) if name in wiring else kept
         graphs[name] = TorchGraph(_keep_inputs(module, call_names, kept), kept, [s["name"] for s in spec["outputs"]])
     return graphs
 
@@ -97,7 +111,7 @@ def calibrate_stage(model, recipe, manifest: dict, graphs: dict, adaptor_sha256:
     prompts = _prompts(q.calibration_set, q.calibration_prompts, "calibration")
     settings = settings_for(manifest, model.source["sha256"], prompts, q.calibration_seed, q.calibration_samples,
                             adaptor_sha256)
-    calibration = collect(manifest, graphs, text_encoder_fn(model), prompts, settings, progress=progress)
+    calibration = collect(manifest, graphs, tokenizer_fn(model), prompts, settings, progress=progress)
     manifest["calibration"] = {"prompt_set": q.calibration_set, **calibration.provenance()}
     return calibration
 
@@ -146,14 +160,15 @@ def _hold(result, name: str, fallback_dir: Path) -> A16Fallback:
 
 def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: CalibrationSet, bundle: Path,
                    progress: bool, fallback_dir: Path | None = None) -> tuple[dict[str, Path], dict[str, A16Fallback]]:
-    """Quantize every UNet-side graph; returns graph name -> quantized file inside ``bundle``, and (with
-    ``fallback_dir``) the a16 versions of the graphs that went to 8-bit activations, for ``apply_fallbacks``."""
+    """Quantize every graph the recipe quantizes (``graphs_to_quantize``); returns graph name -> quantized file
+    inside ``bundle``, and (with ``fallback_dir``) the a16 versions of the graphs that went to 8-bit activations,
+    for ``apply_fallbacks``."""
     from ..progress import progress_bar
 
     q = recipe.quantization
     backend = get_backend(q.backend)
     config = manifest_session_config(manifest)
-    names = [g for g in QUANTIZED_GRAPHS if g in manifest["graphs"]]
+    names = graphs_to_quantize(q, manifest["graphs"])
     placed: dict[str, Path] = {}
     fallbacks: dict[str, A16Fallback] = {}
     with tempfile.TemporaryDirectory(prefix="cw-quantize-") as work:
@@ -244,6 +259,52 @@ def apply_fallbacks(manifest: dict, bundle: Path, fallbacks: dict[str, A16Fallba
                                 f"gate ({'; '.join(failures)}), so this graph fell back to 16-bit activations"})
 
 
+def hold_fp32(recipe, manifest: dict, bundle: Path, fallback_dir: Path) -> dict[str, Path]:
+    """Copies of the FP32 exports of the once-per-image graphs this recipe quantizes, held until parity is measured
+    (call before ``quantize_stage`` replaces them): ``keep_fp32_where_parity_requires`` may put them back."""
+    held = {}
+    for name in graphs_to_quantize(recipe.quantization, manifest["graphs"]):
+        if name in IMAGE_GRAPHS:
+            folder = fallback_dir / "fp32" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in (bundle / "graphs").glob(f"{name}.onnx*"):
+                shutil.copy2(f, folder / f.name)
+            held[name] = folder / f"{name}.onnx"
+    return held
+
+
+def keep_fp32_where_parity_requires(manifest: dict, bundle: Path, held: dict[str, Path], placed: dict[str, Path],
+                                    parity: dict, floor: float) -> list[str]:
+    """Put back the FP32 export of every held once-per-image graph whose held-out SQNR is below the recipe's graph
+    floor, instead of failing the build: it runs once per image, so FP32 costs little time, while a noisy text
+    embedding or image costs parity. Its quantization entry keeps the reason and the measured numbers; it leaves
+    ``placed`` (parity must be measured again). Returns the graphs put back."""
+    reverted = []
+    for name, fp32_file in held.items():
+        measured = parity["graphs"].get(name)
+        if measured is None or floor <= 0 or measured["sqnr_db"] >= floor:
+            continue
+        entry = manifest["graphs"][name]
+        tried = entry["quantization"]
+        entry["external_data"] = _move_graph(fp32_file, bundle / "graphs", name)
+        for stale in (bundle / "encodings").glob(f"{name}.*") if tried.get("encodings") else ():
+            stale.unlink()
+        if (bundle / "encodings").is_dir() and not any((bundle / "encodings").iterdir()):
+            (bundle / "encodings").rmdir()
+        entry["quantization"] = {
+            "backend": None,
+            "reason": f"FP32: kept where parity requires: {entry['precision']} ({tried['backend']}) measured "
+                      f"{measured['sqnr_db']:.2f} dB SQNR vs FP32 on held-out inputs, below the recipe's graph floor "
+                      f"{floor:g} dB",
+            "parity_fallback": {"precision": entry["precision"], "backend": tried["backend"],
+                                "activation_bits": tried["activation_bits"], "sqnr_db": measured["sqnr_db"],
+                                "outputs": measured["outputs"], "graph_min_sqnr_db": floor}}
+        entry["precision"] = "fp32"
+        placed.pop(name, None)
+        reverted.append(name)
+    return reverted
+
+
 def _a8_score(path: Path, graph, data, config: dict) -> dict:
     """SQNR and guidance SQNR of a candidate QDQ graph on the sweep's calibration samples."""
     return graph_sqnr(create_session(path, config=config), graph, data.subset(SWEEP_SAMPLES))
@@ -324,7 +385,7 @@ def parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, 
     config = manifest_session_config(manifest)
     sessions = {name: create_session(path, config=config) for name, path in placed.items()}
     prompts = heldout_prompts(recipe)
-    numbers = measure(manifest, graphs, sessions, text_encoder_fn(model), prompts, recipe.parity.seed,
+    numbers = measure(manifest, graphs, sessions, tokenizer_fn(model), prompts, recipe.parity.seed,
                       images=image_references(model, manifest, bundle), aggregate=recipe.parity.prompt_aggregate)
     verdict = gate(numbers, recipe.parity, allow_low_parity)
     thresholds = {k: v for k, v in asdict(recipe.parity).items() if k in PARITY_THRESHOLDS}

@@ -22,6 +22,7 @@ from .schedule import CLOCKED, step_kinds
 from .sessions import check_provider, create_session, manifest_session_config
 
 StepHook = Callable[[int, str, dict], None]
+TEXT_OUTPUTS = ("encoder_hidden_states", "pooled_text")  # the text encoder graph's outputs, in this order
 
 
 @dataclass
@@ -62,9 +63,14 @@ class BundleRunner:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("--prompt must be a non-empty string")
         tokenizer = ClipTokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["folder"])
-        ids = tokenizer([negative_prompt, prompt]).astype(np.int64)
-        session = self.session("text_encoder")
-        hidden, pooled = session.run(["encoder_hidden_states", "pooled_text"], {"input_ids": ids})
+        return self.encode_ids(tokenizer([negative_prompt, prompt]))
+
+    def encode_ids(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(encoder_hidden_states, pooled_text) of token ids [2, 77] ([uncond, cond]) through the text encoder graph
+        (shared with calibration and parity, which feed token ids to an FP32 or a quantized text encoder)."""
+        text = self.manifest["wiring"]["text"]
+        feeds = {text["input"]: input_ids.astype(np.int64)}
+        hidden, pooled = self.session(text["graph"]).run(list(TEXT_OUTPUTS), feeds)
         return hidden, pooled
 
     def check_text_embeds(self, hidden: np.ndarray, pooled: np.ndarray | None) -> None:

@@ -48,6 +48,12 @@ def low_parity_bundle(tmp_path_factory):
 
 
 
+@pytest.fixture(scope="session")
+def w8a16_bundle(tmp_path_factory):
+    """An ort W8A16 bundle at the recipe's own thresholds: text encoder and VAE decoder quantized too."""
+    return build(small_recipe(), tmp_path_factory.mktemp("w8a16") / "bundle")
+
+
 @pytest.fixture
 def quant():
     """The helpers above, for test modules (pytest runs with --import-mode=importlib: no sys.path imports)."""

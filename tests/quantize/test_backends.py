@@ -21,13 +21,13 @@ GRAPH = "high_res_in"
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, fp32_bundle):
-    from cw_export.quantize.stages import text_encoder_fn, torch_graphs
+    from cw_export.quantize.stages import tokenizer_fn, torch_graphs
 
     manifest = read_manifest(fp32_bundle)
     prompts = ["a red square", "a blue circle"]
     settings = settings_for(manifest, tiny_model.source["sha256"], prompts, seed=0, samples_per_graph=4)
     graphs = torch_graphs(tiny_model, manifest)
-    data = collect(manifest, graphs, text_encoder_fn(tiny_model), prompts, settings)
+    data = collect(manifest, graphs, tokenizer_fn(tiny_model), prompts, settings)
     return fp32_bundle, graphs[GRAPH], data.graphs[GRAPH]
 
 

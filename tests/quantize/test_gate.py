@@ -51,7 +51,7 @@ def test_allowed_bundle_records_precision_parity_and_session_options(low_parity_
         assert entry["quantization"]["reason"]
         assert 25.0 < parity["graphs"][name]["sqnr_db"] < 200.0
     assert manifest["graphs"]["text_encoder"]["precision"] == "fp32"
-    assert "text encoder" in manifest["graphs"]["text_encoder"]["quantization"]["reason"]
+    assert "kept where parity requires" in manifest["graphs"]["text_encoder"]["quantization"]["reason"]
     assert len(parity["steps"]) == 8 and all(0.9 < r["guidance_ratio"] < 1.1 for r in parity["steps"])
     assert parity["final_latent_psnr_db"] == parity["steps"][-1]["latent_psnr_db"] > 25.0
     assert parity["prompt_aggregate"] == "median"  # the recipe's; one held-out prompt here
@@ -167,7 +167,8 @@ def test_recipe_rejects_unknown_prompt_aggregate():
     from cw_export.recipe import RECIPES_DIR, parse_recipe
 
     text = (RECIPES_DIR / "snapdragon-w8a16.toml").read_text(encoding="utf-8")
-    text = text.replace("[parity]\n", "[parity]\nprompt_aggregate = \"mean\"\n")
+    assert 'prompt_aggregate = "median"' in text
+    text = text.replace('prompt_aggregate = "median"', 'prompt_aggregate = "mean"')
     with pytest.raises(RecipeError, match="prompt_aggregate must be one of"):
         parse_recipe(text, "x.toml")
 
@@ -196,3 +197,36 @@ def test_a8_choice_that_fails_the_gate_falls_back_to_a16(tmp_path, quant):
     zero_points = {i.name: i.data_type for i in qdq.graph.initializer if i.name in bits}
     assert onnx.TensorProto.UINT16 in zero_points.values()  # the graph on disk is the 16-bit one
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_same_input_guidance_ratio_sees_a_shrunk_guidance_signal(fp32_bundle, tiny_model):
+    """A UNet whose cond output is pulled halfway to uncond has guidance ratio 0.5 at every step, measured on the
+    FP32 trajectory's own step inputs (so trajectory drift cannot enter); an unchanged one has 1."""
+    from cw_export.calibrate import GraphRunner, unit_noise
+    from cw_export.parity import same_input_guidance_ratio
+    from cw_export.quantize.stages import text_encoder_fn, torch_graphs
+
+    manifest = read_manifest(fp32_bundle)
+    graphs = torch_graphs(tiny_model, manifest)
+    original = graphs["high_res_out"]
+
+    class HalfGuidance:
+        def run(self, names, feeds):
+            (noise,) = original.run(names, feeds)
+            uncond, cond = np.split(noise, 2)
+            return [np.concatenate([uncond, uncond + 0.5 * (cond - uncond)])]
+
+    same = GraphRunner(manifest, graphs)
+    half = GraphRunner(manifest, {**graphs, "high_res_out": HalfGuidance()})
+    seen = {"same": [], "half": []}
+
+    def on_step(i, kind, slots):
+        seen["same"].append(same_input_guidance_ratio(manifest, same, kind, slots))
+        seen["half"].append(same_input_guidance_ratio(manifest, half, kind, slots))
+
+    hidden, pooled = text_encoder_fn(tiny_model)("a red square")
+    GraphRunner(manifest, graphs).generate(hidden, pooled, unit_noise(manifest["latent"]["shape"], 0),
+                                           on_step=on_step)
+    assert len(seen["half"]) == manifest["schedule"]["steps"]
+    np.testing.assert_allclose(seen["same"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(seen["half"], 0.5, atol=1e-5)
