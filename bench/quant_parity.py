@@ -24,7 +24,7 @@ from pathlib import Path
 
 RECIPES = {"w8a16": "snapdragon-w8a16", "mixed": "snapdragon-int8", "w8a8": "snapdragon-w8a8"}
 BACKENDS = ("aimet", "ort")
-GRAPHS = ("high_res_in", "low_res", "adaptor", "high_res_out")
+GRAPHS = ("text_encoder", "high_res_in", "low_res", "adaptor", "high_res_out", "vae_decoder")
 
 
 def run_cell(args, recipe_name: str, backend: str, work: Path) -> dict:
