@@ -31,7 +31,7 @@ from .cache import META_NAME, cache_root, cached_entry
 from .runtime.pipeline import BundleRunner
 from .runtime.schedule import step_kinds
 
-CALIBRATION_FORMAT = 2  # bump when the on-disk layout or the capture changes: old cache entries are then ignored
+CALIBRATION_FORMAT = 3  # bump when the on-disk layout or the capture changes: old cache entries are then ignored
 # (2: text_encoder token ids and vae_decoder final latents are captured too)
 
 Tokenize = Callable[[str], np.ndarray]  # prompt -> input_ids [2, 77] int64 for [uncond, cond]
@@ -98,15 +98,17 @@ def graph_steps(manifest: dict, steps: int, clock: int) -> dict[str, list[int]]:
 
 
 def stratified_selection(num_prompts: int, steps: list[int], cap: int) -> set[tuple[int, int]]:
-    """(prompt, step) pairs to keep: every step gets an equal share of ``cap`` (earlier steps take the remainder),
-    and within a step the prompts are spread evenly, offset per step so that different steps see different prompts."""
+    """(prompt, step) pairs to keep: every step gets an equal share of ``cap``, the remainder going to steps spread
+    evenly over the schedule (with fewer samples than steps, e.g. 4 of 8, the kept steps span it: 0, 2, 4, 6, never
+    just the first four, whose activation ranges miss the late steps'), and within a step the prompts are spread
+    evenly, offset per step so that different steps see different prompts."""
     pairs = {(p, s) for p in range(num_prompts) for s in steps}
     if len(pairs) <= cap:
         return pairs
     base, extra = divmod(cap, len(steps))
     keep = set()
     for j, step in enumerate(steps):
-        quota = min(num_prompts, base + (1 if j < extra else 0))
+        quota = min(num_prompts, base + (1 if (j * extra) % len(steps) < extra else 0))
         for k in range(quota):
             keep.add(((k * num_prompts // quota + j) % num_prompts, step))
     return keep

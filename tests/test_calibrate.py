@@ -91,6 +91,11 @@ def test_cap_is_stratified_over_steps(tiny_model, fp32_bundle):
     keep = stratified_selection(num_prompts=10, steps=[0, 2, 4, 6], cap=8)
     assert sorted(s for _, s in keep) == [0, 0, 2, 2, 4, 4, 6, 6]
     assert len({p for p, _ in keep}) > 2  # different prompts at different steps
+    # fewer samples than steps: the kept steps span the schedule (found at SD 1.5 size: 1 prompt, 4 samples kept
+    # steps 0-3 only, and the late steps' activations fell outside the calibrated ranges: 13.8 dB instead of ~45)
+    assert sorted(s for _, s in stratified_selection(1, list(range(8)), 4)) == [0, 2, 4, 6]
+    assert sorted(s for _, s in stratified_selection(1, list(range(8)), 3)) == [0, 3, 6]
+    assert sorted(s for _, s in stratified_selection(2, list(range(8)), 12)) == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7]
 
 
 def test_cache_is_reused_and_keyed_by_settings(tiny_model, fp32_bundle):
