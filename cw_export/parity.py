@@ -174,7 +174,7 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, tokenize: Callab
 
     ``aggregate`` says how trajectory numbers combine over prompts (``AGGREGATES``): a trained model has prompts
     whose trajectory sits near a bifurcation, where any perturbation moves the final latent far (measured on the
-    shapes model: 16-bit activations alone gave 22.7 dB on one prompt of six, 44-58 dB on the others), and pooled MSE
+    shapes model: low_res alone at W16A16 gave 22.7 dB on one prompt of six, 44-58 dB on the others), and pooled MSE
     lets that one prompt decide. Per-prompt values are recorded either way.
     """
     if aggregate not in AGGREGATES:
