@@ -80,3 +80,6 @@ def test_budget_flags_override_the_recipe(tmp_path, capsys):
     assert code == 2 and "--a8-sweep only apply to quantized targets" in err
     code, err = run(["--target", "snapdragon-int8", "--a8-sweep", "row", "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "--a8-sweep" in err and not (tmp_path / "b").exists()
+    code, err = run(["--target", "snapdragon-int8", "--calibration-samples", "0", "--out", str(tmp_path / "b")],
+                    capsys)
+    assert code == 2 and "--calibration-samples" in err and not (tmp_path / "b").exists()
