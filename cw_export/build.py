@@ -379,9 +379,10 @@ def load_learned_adaptor(model: SDModel, recipe: Recipe, options: BuildOptions, 
     from .distill.train import distill_for_build
 
     b = recipe.build
-    shipped = shipped_adaptor(model) if options.adaptor_checkpoint is None else None
-    if shipped is not None and _fits_schedule(read_checkpoint(shipped), b):
-        checkpoint = read_checkpoint(shipped)  # the model's own distilled adaptor (models/shapes_adaptor.safetensors)
+    shipped_path = shipped_adaptor(model) if options.adaptor_checkpoint is None else None
+    shipped = read_checkpoint(shipped_path) if shipped_path is not None else None
+    if shipped is not None and _fits_schedule(shipped, b):
+        checkpoint = shipped  # the model's own distilled adaptor (models/shapes_adaptor.safetensors)
     elif options.adaptor_checkpoint is None:
         checkpoint = distill_for_build(model, recipe, latent, progress=options.progress)
     else:
