@@ -160,9 +160,9 @@ def ort_session(path: Path, providers: list[str] | None = None):
     """A CPU onnxruntime session with default optimisation (FP32 graphs are stable under it)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    from .runtime.sessions import session_options
+
+    return ort.InferenceSession(str(path), session_options(), providers=providers or ["CPUExecutionProvider"])
 
 
 def tensor_stats(reference: np.ndarray, actual: np.ndarray) -> dict:

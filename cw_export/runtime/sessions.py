@@ -56,9 +56,16 @@ def manifest_session_config(manifest: dict) -> dict:
 
 def session_options(disabled_optimizers: list[str] | None = None, threads: int = 0,
                     graph_optimization_level: str = "all") -> ort.SessionOptions:
-    """SessionOptions for one level; ``disabled_optimizers`` is accepted for symmetry and applied by create_session."""
+    """SessionOptions for one level; ``disabled_optimizers`` is accepted for symmetry and applied by create_session.
+
+    The CPU memory arena is off: an arena keeps each session's peak activation memory for the session's lifetime,
+    and a bundle holds one session per graph. Measured on the SD 1.5 snapdragon-int8 bundle at 256x256
+    (`cw-export run`, 8 steps): peak RSS 4.94 GiB with the arena, 2.02 GiB without, wall time 65 s vs 54 s; at
+    512x512 the 4096-token attention of every high-res graph stayed allocated in the build's parity stage (21.4 GiB).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
     options.graph_optimization_level = OPTIMIZATION_LEVELS[graph_optimization_level]
     if threads:
         options.intra_op_num_threads = threads
