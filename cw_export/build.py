@@ -322,23 +322,11 @@ def quantize_bundle(model: SDModel, recipe: Recipe, manifest: dict, bundle: Path
         fp32_held = q.hold_fp32(recipe, manifest, bundle, fallback_dir)
         placed, fallbacks = q.quantize_stage(recipe, manifest, graphs, calibration, bundle, options.progress,
                                              fallback_dir)
+        del calibration  # the parity stage measures on held-out prompts; these samples need not stay in memory
         stages.update()
         stages.set_postfix_str("parity")
-        parity = q.parity_stage(model, recipe, manifest, graphs, placed,
-                                options.allow_low_parity or bool(fallbacks) or bool(fp32_held), bundle)
-        # "keep FP32 where parity requires and say so": a text encoder / VAE decoder below the graph floor goes back
-        # to its FP32 export (reason + measured SQNR in its entry) and parity is measured again
-        if q.keep_fp32_where_parity_requires(manifest, bundle, fp32_held, placed, parity,
-                                             recipe.parity.graph_min_sqnr_db):
-            parity = q.parity_stage(model, recipe, manifest, graphs, placed,
-                                    options.allow_low_parity or bool(fallbacks), bundle)
-        elif fp32_held and not fallbacks:  # measured with the gate held open for the rule above: gate for real now
-            parity["gate"] = q.gate(parity, recipe.parity, options.allow_low_parity)
-        # "8-bit activations wherever the gate allows": a graph the sweep put at 8 bits goes back to 16 when the
-        # whole bundle then fails the gate, and parity is measured again (recorded in its quantization entry)
-        if fallbacks and not parity["gate"]["passed"]:
-            q.apply_fallbacks(manifest, bundle, fallbacks, parity["gate"]["failures"])
-            q.parity_stage(model, recipe, manifest, graphs, placed, options.allow_low_parity, bundle)
+        q.gated_parity_stage(model, recipe, manifest, graphs, placed, bundle, fp32_held, fallbacks,
+                             options.allow_low_parity)
     stages.update()
 
 

@@ -145,17 +145,24 @@ class A16Fallback:
     details: dict
 
 
+def _hold_graph(graph_dir: Path, name: str, folder: Path) -> Path:
+    """Copy graph ``name`` (``<name>.onnx`` + its external data) from ``graph_dir`` into ``folder``, where it waits
+    for the parity gate's verdict; returns the held ``.onnx``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in graph_dir.glob(f"{name}.onnx*"):
+        shutil.copy2(f, folder / f.name)
+    return folder / f"{name}.onnx"
+
+
 def _hold(result, name: str, fallback_dir: Path) -> A16Fallback:
     """Copy an a16 result (graph + external data + encodings) out of the quantizer's scratch folder."""
     folder = fallback_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in result.file.parent.glob(f"{name}.onnx*"):
-        shutil.copy2(f, folder / f.name)
+    file = _hold_graph(result.file.parent, name, folder)
     encodings = []
     if result.encodings is not None:
         for f in result.encodings.parent.glob(f"{name}.*"):
             encodings.append(Path(shutil.copy2(f, folder / f"encodings-{f.name}")))
-    return A16Fallback(folder / f"{name}.onnx", encodings, dict(result.details))
+    return A16Fallback(file, encodings, dict(result.details))
 
 
 def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: CalibrationSet, bundle: Path,
@@ -265,11 +272,7 @@ def hold_fp32(recipe, manifest: dict, bundle: Path, fallback_dir: Path) -> dict[
     held = {}
     for name in graphs_to_quantize(recipe.quantization, manifest["graphs"]):
         if name in IMAGE_GRAPHS:
-            folder = fallback_dir / "fp32" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for f in (bundle / "graphs").glob(f"{name}.onnx*"):
-                shutil.copy2(f, folder / f.name)
-            held[name] = folder / f"{name}.onnx"
+            held[name] = _hold_graph(bundle / "graphs", name, fallback_dir / "fp32" / name)
     return held
 
 
@@ -392,3 +395,25 @@ def parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, 
     manifest["parity"] = {"prompt_set": recipe.parity.heldout_set, "prompts_sha256": prompt_set_hash(prompts),
                           "session_options": config, "thresholds": thresholds, "gate": verdict, **numbers}
     return manifest["parity"]
+
+
+def gated_parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, Path], bundle: Path,
+                       fp32_held: dict[str, Path], a16_held: dict[str, A16Fallback], allow_low_parity: bool) -> dict:
+    """Parity gate with the recipe's two fallbacks, each followed by a fresh measurement:
+
+    1. "keep FP32 where parity requires": a text encoder / VAE decoder below the graph floor goes back to its FP32
+       export (``fp32_held``, from ``hold_fp32``), with the measured reason in its entry;
+    2. "8-bit activations wherever the gate allows": a graph the sweep put at 8 bits goes back to 16 bits
+       (``a16_held``, from ``quantize_stage``) when the whole bundle then fails the gate.
+
+    The gate stays open while a fallback may still change the bundle; the last measurement is gated for real."""
+    parity = parity_stage(model, recipe, manifest, graphs, placed,
+                          allow_low_parity or bool(a16_held) or bool(fp32_held), bundle)
+    if keep_fp32_where_parity_requires(manifest, bundle, fp32_held, placed, parity, recipe.parity.graph_min_sqnr_db):
+        parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity or bool(a16_held), bundle)
+    elif fp32_held and not a16_held:  # measured with the gate held open for rule 1 only: gate for real now
+        parity["gate"] = gate(parity, recipe.parity, allow_low_parity)
+    if a16_held and not parity["gate"]["passed"]:
+        apply_fallbacks(manifest, bundle, a16_held, parity["gate"]["failures"])
+        parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity, bundle)
+    return parity
