@@ -4,7 +4,7 @@ Each cell is one real ``cw-export`` build (``build_bundle``, with ``--allow-low-
 gate are still recorded); the numbers are the ones the build measured and wrote into its manifest (held-out prompts,
 onnxruntime with the recipe's session options, quantized vs FP32 torch). Results go to a markdown table.
 
-    python bench/quant_parity.py --model builtin --out docs/quant_parity_builtin.md
+    python bench/quant_parity.py --model tiny-random --out docs/quant_parity_builtin.md
     python bench/quant_parity.py --model sd15-arch --height 32 --width 32 --calibration-prompts 4 \\
         --parity-prompts 2 --out docs/quant_parity_sd15.md
 
@@ -86,7 +86,7 @@ def _image(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--height", type=int, default=0)
     parser.add_argument("--width", type=int, default=0)
     parser.add_argument("--recipes", default=",".join(RECIPES))

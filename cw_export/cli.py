@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("bundle"), help="bundle folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only if the build succeeds)")
     _add_schedule_flags(parser)
-    parser.add_argument("--adaptor", choices=["identity", "learned"], help="clocked-step adaptor (default: recipe)")
+    parser.add_argument("--adaptor", choices=["identity", "learned"], help="clocked-step adaptor (default: the model's own distilled adaptor "
+                        "when it fits the schedule, as for the built-in model; else the recipe's)")
     parser.add_argument("--adaptor-checkpoint", type=Path, help="learned adaptor weights (safetensors)")
     parser.add_argument("--height", type=_nonnegative_int("--height"), help="image height in pixels")
     parser.add_argument("--width", type=_nonnegative_int("--width"), help="image width in pixels")
@@ -181,7 +182,8 @@ def cmd_build(argv: list[str]) -> int:
     recipe = _apply_quantization_flags(recipe, args)
     out = build_bundle(recipe, BuildOptions(model=args.model, out=args.out, overwrite=args.overwrite,
                                             adaptor_checkpoint=args.adaptor_checkpoint, progress=not args.quiet,
-                                            allow_low_parity=args.allow_low_parity, socs=socs))
+                                            allow_low_parity=args.allow_low_parity, socs=socs,
+                                            model_adaptor=args.adaptor is None))
     print(f"bundle written: {out}")
     return 0
 

@@ -67,6 +67,7 @@ def test_notebooks_are_committed_without_outputs(name):
 
 
 def test_quickstart_builds_generates_and_shows_parity(tmp_path, monkeypatch):
+    monkeypatch.setenv("CW_NOTEBOOK_MODEL", "tiny-random")  # the unit tests' fixture; builtin (shapes) interactively
     notebook = run_notebook("quickstart", tmp_path, monkeypatch)
     assert images(notebook) >= 3  # the generated image, the grid, the parity curve
     text = text_of(notebook)

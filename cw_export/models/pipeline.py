@@ -209,8 +209,9 @@ def _noise_schedule_from(scheduler_config: dict) -> dict:
 
 
 def build_builtin_model() -> SDModel:
-    """The model ``--model builtin`` names (the tiny random pipeline until trained weights ship)."""
-    return build_tiny_random_model()
+    """The model ``--model builtin`` names: the trained shapes model, so the main job shows real images
+    (recorded under its own name, ``shapes``, so a bundle says which weights it holds)."""
+    return build_shapes_model()
 
 
 def build_architecture_model(name: str, device: str = "cpu") -> SDModel:
@@ -259,7 +260,7 @@ def shipped_adaptor(model: "SDModel") -> Path | None:
 
 
 def build_shapes_model() -> SDModel:
-    """The trained shapes model; becomes ``builtin`` once it meets the quality bar of docs/builtin_model.md."""
+    """The trained shapes model (tools/train_builtin.py, docs/builtin_model.md); also ``builtin``."""
     model = load_model_folder(SHAPES_DIR)
     model.source = {"kind": "builtin", "name": SHAPES_NAME, "sha256": model.source["sha256"]}
     return model
