@@ -128,3 +128,30 @@ def test_raise_opset_keeps_external_data_and_numerics(tmp_path):
     assert converted.graph.initializer[0].data_location == TensorProto.EXTERNAL  # weights were not pulled in
     np.testing.assert_allclose(create_session(path).run(None, {"x": x})[0], before, rtol=1e-6)
     assert raise_opset(path) is False  # already there
+
+
+def test_ort_backend_layernorm_gamma_places_on_qnn_htp(setup, tmp_path):
+    """LayerNorm gammas are UINT8 asymmetric (the form the QNN HTP accepts; signed INT8 symmetric is refused), and
+    the ort backend's high_res_in then runs entirely on the emulated HTP, CPU fallback disabled."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    result, _ = quantize("ort", setup, tmp_path)
+    model = onnx.load(str(result.file))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    # (the export may share one initializer between equal gammas: counted per initializer)
+    assert norms and result.details["uint8_layernorm_gammas"] == len({n.input[1] for n in norms})
+    for norm in norms:
+        dq = producer[norm.input[1]]
+        assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].dtype == np.uint8, norm.name
+    htp = create_session(result.file, "qnn-htp", config=session_config("basic"), precision="w8a16")
+    cpu = create_session(result.file, config=session_config("basic"))
+    feeds = next(iter(setup[2].subset(1)))
+    names = [o.name for o in htp.get_outputs()]
+    for name, a, b in zip(names, htp.run(None, feeds), cpu.run(None, feeds)):
+        if name == "temb":  # the float timestep path runs at reduced precision on the HTP (docs/qnn_htp.md)
+            continue
+        noise = np.mean((a.astype(np.float64) - b) ** 2)
+        assert 10 * np.log10(np.mean(b.astype(np.float64) ** 2) / max(noise, 1e-30)) >= 40.0, name
