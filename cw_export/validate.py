@@ -215,6 +215,16 @@ class _Graph:
             found[name] = {"node": node, "dqs": dqs, "param": self.is_param(node.input[0])}
         return found
 
+    def stored_quantized(self) -> dict[str, dict]:
+        """Initializer -> its quantization, for weights stored already quantized (a DequantizeLinear alone reads
+        them; quantize.fold): {param, scale, zero_point via ``node`` (the DequantizeLinear), dq}. INT32 biases,
+        which exporters quantize from the weight and input scales and AIMET encodings do not list, are left out."""
+        import onnx
+
+        return {node.input[0]: {"node": node, "dqs": [node], "param": True} for node in self.model.graph.node
+                if node.op_type == "DequantizeLinear" and node.input[0] in self.inits
+                and self.inits[node.input[0]].data_type != onnx.TensorProto.INT32}
+
 
 def _axis(node) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 1)
@@ -312,7 +322,7 @@ def encodings_qdq_check(bundle: Path, name: str, graph: _Graph, quant: dict) -> 
         encodings = {e.get("name"): e for key in ("activation_encodings", "param_encodings")
                      for e in _encoding_entries(data[key])}
         plain = _Graph(bundle / details["encodings_graph"])
-        quantized = graph.quantized()
+        quantized = {**graph.stored_quantized(), **graph.quantized()}
     except Exception as exc:  # boundary: reported by the encodings check as well
         return Check(f"{name} encodings vs QDQ", False, _one_line(exc))
     skipped_scopes = _reexpressed_scopes(graph, plain)

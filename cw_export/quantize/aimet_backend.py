@@ -9,7 +9,8 @@ Steps (PLATFORM.md lists the pitfalls each one avoids):
      sinusoidal timestep embedding stays float and its output is quantized at 16 bits, never 8
   3. ``compute_encodings`` over the graph's ``CalibrationData`` (an adapter feeds the arrays as torch tensors)
   4. export: ONNX + AIMET encodings JSON (``sim.onnx.export``, for QNN converters) and a QDQ ONNX
-     (``aimet_torch.onnx.export``, opset 21: 16-bit QDQ needs it) that onnxruntime runs
+     (``aimet_torch.onnx.export``, opset 21: 16-bit QDQ needs it) that onnxruntime runs, its weights then stored as
+     integers (``fold.fold_weight_quantizers_file``: aimet writes float weights + QuantizeLinear)
 
 Known limit: functional ops inside diffusers blocks (residual adds, concats, the attention scale, gelu, interpolate)
 are not modules, so aimet leaves them unquantized: in the QDQ graph they compute in float between DequantizeLinear and
@@ -26,6 +27,7 @@ import warnings
 from pathlib import Path
 
 from . import GraphJob, QuantizedGraph
+from .fold import fold_weight_quantizers_file
 
 SIM_CONFIG = {  # aimet quantsim config: per-channel symmetric weights, float biases, quantized model inputs
     "defaults": {
@@ -218,14 +220,17 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         sim.onnx.export(example, str(plain), encoding_version="1.0.0", opset_version=17, **names)
         qdq = out_dir / f"{job.name}.onnx"
         aimet_onnx.export(sim.model, example, str(qdq), opset_version=opset, **names)
+    quantized_modules = sum(1 for m in sim.model.modules() if hasattr(m, "output_quantizers"))
+    del sim  # its float weights are not needed for the fold below
+    folded = fold_weight_quantizers_file(qdq)  # weights stored as integers, not float + QuantizeLinear
     encodings = encodings_dir / f"{job.name}.encodings"
     data = json.loads(encodings.read_text(encoding="utf-8"))
-    quantized_modules = sum(1 for m in sim.model.modules() if hasattr(m, "output_quantizers"))
     return QuantizedGraph(qdq, encodings, {
         "aimet_torch": aimet_torch.__version__, "encodings_version": data.get("version"),
         "activation_encodings": len(data.get("activation_encodings", [])),
         "param_encodings": len(data.get("param_encodings", [])),
         "quantized_modules": quantized_modules, "timestep_input_quantizer": timestep_layer,
+        "weights_stored_quantized": folded,
         "timestep_bits": TIMESTEP_BITS if timestep_layer else None, "encodings_graph": f"encodings/{job.name}.onnx",
         "opset": opset,
         "float_functional_ops": "residual adds, concats, attention scale, gelu, interpolate (not modules in diffusers)",

@@ -72,6 +72,11 @@ def test_aimet_backend_writes_encodings_and_16bit_timestep(setup, tmp_path):
     assert any(len(e.get("scale", [])) > 1 for e in params), "weights must be per-channel"
     assert result.details["timestep_bits"] == 16
     assert (result.encodings.parent / f"{GRAPH}.onnx").is_file()  # the graph the encodings refer to
+    # weights stored as integers (quantize.fold), not float initializers quantized in the graph
+    model = onnx.load(str(result.file))
+    float_inits = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert result.details["weights_stored_quantized"] > 0
+    assert not [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in float_inits]
 
 
 def test_unknown_backend_lists_valid_ones():
