@@ -274,7 +274,8 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
     latent = latent_hw(model, recipe)
     check_build_memory(model, latent)
     table = schedulers.build_step_table(recipe.build.sampler, model.scheduler_config, recipe.build.steps)
-    shipped = shipped_checkpoint(model, recipe) if options.adaptor_checkpoint is None else None
+    wants_shipped = options.adaptor_checkpoint is None and (options.model_adaptor or recipe.build.adaptor == "learned")
+    shipped = shipped_checkpoint(model, recipe) if wants_shipped else None
     if options.model_adaptor and shipped is not None:
         recipe = recipe.with_build(adaptor="learned")
     adaptor_checkpoint = None

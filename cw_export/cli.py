@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("bundle"), help="bundle folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only if the build succeeds)")
     _add_schedule_flags(parser)
-    parser.add_argument("--adaptor", choices=["identity", "learned"], help="clocked-step adaptor (default: the model's own distilled adaptor "
-                        "when it fits the schedule, as for the built-in model; else the recipe's)")
+    parser.add_argument("--adaptor", choices=["identity", "learned"],
+                        help="clocked-step adaptor (default: the model's own distilled adaptor when it fits the "
+                        "schedule, as for the built-in model; else the recipe's)")
     parser.add_argument("--adaptor-checkpoint", type=Path, help="learned adaptor weights (safetensors)")
     parser.add_argument("--height", type=_nonnegative_int("--height"), help="image height in pixels")
     parser.add_argument("--width", type=_nonnegative_int("--width"), help="image width in pixels")

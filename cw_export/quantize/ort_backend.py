@@ -210,8 +210,10 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         float_nodes, boundary = timestep_path(model) if "timestep" in job.input_names else ([], [])
         masked = masked_softmax_path(model)
         overrides = {name: [{"quant_type": QuantType.QUInt16}] for name in boundary}
-        overrides.update(_linear_weight_overrides(model, QuantType.QInt8))
-        overrides.update(_layernorm_gamma_overrides(model))
+        linear_weights = _linear_weight_overrides(model, QuantType.QInt8)
+        layernorm_gammas = _layernorm_gamma_overrides(model)
+        overrides.update(linear_weights)
+        overrides.update(layernorm_gammas)
         # 3. QNN configuration
         job.calibration.rewind()
         config = get_qnn_qdq_config(
@@ -227,8 +229,7 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     qdq = onnx.load(str(out), load_external_data=False)
     return QuantizedGraph(out, None, {
         "float_nodes": float_nodes, "float_masked_softmax_nodes": masked, "sixteen_bit_overrides": boundary,
-        "per_channel_linear_weights": len(_linear_weight_overrides(model, QuantType.QInt8)),
-        "uint8_layernorm_gammas": len(_layernorm_gamma_overrides(model)),
+        "per_channel_linear_weights": len(linear_weights), "uint8_layernorm_gammas": len(layernorm_gammas),
         "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qdq.graph.node),
         "opset": max(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx")),
     })
