@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cw_export.models.pipeline import load_model
-from cw_export.quantize.aimet_backend import SIM_CONFIG, _quiet, _timestep_quantizer, quantizable_scope
+from cw_export.quantize.aimet_backend import SIM_CONFIG, _quiet, _time_features_quantizer, quantizable_scope
 from cw_export.reference import make_scheduler, text_embeddings
 from cw_export.split import split_unet
 
@@ -37,7 +37,8 @@ def main() -> None:
     from aimet_torch.quantsim import QuantizationSimModel
 
     model = load_model(args.model)
-    graph = split_unet(model.unet).high_res_in
+    split = split_unet(model.unet)
+    graph = split.graph_modules()["high_res_in"]  # takes time features, as exported
     hidden, _ = text_embeddings(model, "a photo of a cat")
     scheduler = make_scheduler(model)
     scheduler.set_timesteps(8)
@@ -46,7 +47,7 @@ def main() -> None:
     for i, t in enumerate(scheduler.timesteps):
         x = torch.randn((1, 4, args.latent, args.latent), generator=generator)
         x = scheduler.scale_model_input(torch.cat([x, x]) * (scheduler.init_noise_sigma if i == 0 else 1.0), t)
-        samples.append((x, torch.full((2,), float(t)), hidden))
+        samples.append((x, split.time_features(torch.full((2,), float(t))), hidden))
     calibration, test = samples[::2], samples[1::2]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as config:
         json.dump(SIM_CONFIG, config)
@@ -54,7 +55,7 @@ def main() -> None:
         with quantizable_scope(graph):
             sim = QuantizationSimModel(graph, calibration[0], default_output_bw=16, default_param_bw=8,
                                        config_file=config.name)
-        _timestep_quantizer(sim.model)
+        _time_features_quantizer(sim.model)
         sim.compute_encodings(lambda m: [m(*c) for c in calibration])
     per_output: dict[int, list[float]] = {}
     with torch.no_grad():

@@ -39,7 +39,7 @@ from .runtime import schedulers
 from .runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, list_files, manifest_bytes
 from .runtime.schedule import check_steps_and_clock, step_kinds
 from .runtime.sessions import session_config
-from .split import split_unet
+from .split import split_unet, time_features_spec
 
 BATCH = 2  # classifier-free guidance: [uncond, cond]
 EXAMPLE_PROMPT = "a red triangle on the left of a blue square"
@@ -95,7 +95,7 @@ def make_wiring(num_skips: int, adaptor: str) -> dict:
     """Which slot each graph input reads and each output writes, per step kind (the manifest's contract)."""
     skips = {f"skip_{i}": f"skip_{i}" for i in range(num_skips)}
     graphs = {
-        "high_res_in": {"inputs": {"sample": "sample", "timestep": "timestep",
+        "high_res_in": {"inputs": {"sample": "sample", "time_features": "time_features",
                                    "encoder_hidden_states": "encoder_hidden_states"},
                         "outputs": {"temb": "temb", "r_in": "r_in", **skips}},
         "low_res": {"inputs": {"r_in": "r_in", "temb": "temb", "encoder_hidden_states": "encoder_hidden_states"},
@@ -113,7 +113,7 @@ def make_wiring(num_skips: int, adaptor: str) -> dict:
         clocked = ["high_res_in", "adaptor", "high_res_out"]
         aliases = {}
     return {
-        "step_inputs": ["sample", "timestep", "encoder_hidden_states", "pooled_text"],
+        "step_inputs": ["sample", "time_features", "encoder_hidden_states", "pooled_text"],
         "graphs": graphs,
         "steps": {"full": ["high_res_in", "low_res", "high_res_out"], "clocked": clocked},
         "clocked_aliases": aliases,
@@ -157,7 +157,7 @@ def example_inputs(model: SDModel, split, latent_h: int, latent_w: int, table: d
     sample = torch.cat([latents, latents]) * float(table["input_scale"][0])
     timestep = torch.full((BATCH,), float(table["timesteps"][0]))
     return {"input_ids": ids, "encoder_hidden_states": text.last_hidden_state, "pooled_text": text.pooler_output,
-            "sample": sample, "timestep": timestep}
+            "sample": sample, "time_features": split.time_features(timestep)}
 
 
 def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tuple[int, int], table: dict,
@@ -166,18 +166,19 @@ def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tup
     split = split_unet(model.unet)
     ex = example_inputs(model, split, *latent_hw_, table)
     ehs = ex["encoder_hidden_states"]
+    parts = split.graph_modules()
     with torch.no_grad():
-        temb, r_in, *skips = split.high_res_in(ex["sample"], ex["timestep"], ehs)
+        temb, r_in, *skips = parts["high_res_in"](ex["sample"], ex["time_features"], ehs)
         r_out = split.low_res(r_in, temb, ehs)
     skip_inputs = dict(zip(split.skip_names, skips))
     jobs = {
         "text_encoder": (TextEncoderGraph(model.text_encoder), {"input_ids": ex["input_ids"]},
                          ["encoder_hidden_states", "pooled_text"]),
-        "high_res_in": (split.high_res_in, {"sample": ex["sample"], "timestep": ex["timestep"],
-                                            "encoder_hidden_states": ehs}, ["temb", "r_in", *split.skip_names]),
-        "low_res": (split.low_res, {"r_in": r_in, "temb": temb, "encoder_hidden_states": ehs}, ["r_out"]),
-        "high_res_out": (split.high_res_out, {"r_out": r_out, "temb": temb, "encoder_hidden_states": ehs,
-                                              **skip_inputs}, ["noise_pred"]),
+        "high_res_in": (parts["high_res_in"], {"sample": ex["sample"], "time_features": ex["time_features"],
+                                               "encoder_hidden_states": ehs}, ["temb", "r_in", *split.skip_names]),
+        "low_res": (parts["low_res"], {"r_in": r_in, "temb": temb, "encoder_hidden_states": ehs}, ["r_out"]),
+        "high_res_out": (parts["high_res_out"], {"r_out": r_out, "temb": temb, "encoder_hidden_states": ehs,
+                                                 **skip_inputs}, ["noise_pred"]),
         "vae_decoder": (VaeDecoderGraph(model.vae), {"latents": ex["sample"][:1] / table["init_noise_sigma"]},
                         ["image"]),
     }
@@ -224,6 +225,7 @@ def build_manifest(model: SDModel, recipe: Recipe, results: dict[str, ExportResu
         "source_model": model.source,
         "graphs": graphs,
         "wiring": prune_wiring(make_wiring(num_skips, b.adaptor), results),
+        "time_features": time_features_spec(model.unet),
         "adaptor": {"kind": b.adaptor},
         "schedule": {"steps": b.steps, "clock": b.clock, "step_kinds": step_kinds(b.steps, b.clock),
                      "rule": "step 1 (index 0) is full; step index i is full when i % clock == 0, else clocked"},
@@ -359,13 +361,15 @@ def check_adaptor_checkpoint(recipe: Recipe, path: Path) -> None:
 
 def shipped_checkpoint(model: SDModel, recipe: Recipe):
     """The adaptor checkpoint the model ships with (only ``shapes`` has one), when it was distilled for this
-    sampler, steps and clock and for these weights; else None."""
+    sampler, steps, clock and guidance and for these weights; else None."""
     from .distill.checkpoint import check_model, check_schedule, read_checkpoint
 
     path = shipped_adaptor(model)
     if path is None:
         return None
     checkpoint, b = read_checkpoint(path), recipe.build
+    if checkpoint.training.get("guidance_scale") != b.guidance_scale:
+        return None  # distilled on trajectories of another guidance scale
     try:
         check_schedule(checkpoint, b.sampler, b.steps, b.clock)
         check_model(checkpoint, model.source["sha256"],

@@ -59,7 +59,9 @@ def _nonnegative_int(name: str):
 def _add_schedule_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int("--steps"), help="denoising steps (default: recipe/bundle)")
     parser.add_argument("--clock", type=_positive_int("--clock"), help="full UNet every N steps (default: recipe)")
-    parser.add_argument("--guidance", type=_finite_float("--guidance"), help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=_finite_float("--guidance"), help="classifier-free guidance scale (default: "
+                        "the one the model declares in its folder's cw_export.json, as the built-in model does; else "
+                        "the recipe's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +159,9 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", default="cpu", help="execution provider the quantized graphs' parity is measured "
                         "on: cpu (re-measures the manifest's numbers) or qnn-htp (per-graph SQNR vs FP32 torch on "
                         "the HTP, gated on the recorded thresholds; docs/qnn_htp.md)")
+    parser.add_argument("--record", action="store_true", help="with --provider qnn-htp: write the numbers measured "
+                        "there into the manifest (parity_by_provider) beside the CPU ones, and refresh the bundle's "
+                        "hand-off README.md")
     return parser
 
 
@@ -166,6 +171,13 @@ def model_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="builtin", help="built-in model name: builtin or tiny-random")
     parser.add_argument("--overwrite", action="store_true")
     return parser
+
+
+def _guidance(args: argparse.Namespace) -> float | None:
+    """--guidance, else the guidance the model declares (its folder's cw_export.json), else None: the recipe's."""
+    from .models.pipeline import declared_guidance
+
+    return args.guidance if args.guidance is not None else declared_guidance(args.model)
 
 
 def cmd_build(argv: list[str]) -> int:
@@ -178,7 +190,7 @@ def cmd_build(argv: list[str]) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.target).with_build(
-        steps=args.steps, clock=args.clock, guidance_scale=args.guidance, adaptor=args.adaptor,
+        steps=args.steps, clock=args.clock, guidance_scale=_guidance(args), adaptor=args.adaptor,
         height=args.height, width=args.width)
     recipe = _apply_quantization_flags(recipe, args)
     out = build_bundle(recipe, BuildOptions(model=args.model, out=args.out, overwrite=args.overwrite,
@@ -290,7 +302,7 @@ def cmd_distill(argv: list[str]) -> int:
     from .recipe import load_recipe
 
     build = load_recipe(args.target).with_build(steps=args.steps, clock=args.clock,
-                                                guidance_scale=args.guidance).build
+                                                guidance_scale=_guidance(args)).build
     result = distill(DistillOptions(
         model=args.model, prompts=args.prompts, num_prompts=args.num_prompts, steps=build.steps, clock=build.clock,
         guidance_scale=build.guidance_scale, sampler=build.sampler, epochs=args.epochs, batch_size=args.batch_size,

@@ -105,6 +105,19 @@ def _step_indices(kinds: list[str], kind: str) -> str:
     return ", ".join(str(i) for i, k in enumerate(kinds) if k == kind)
 
 
+def _time_features_lines(spec: dict, batch: int, shape: str) -> list[str]:
+    """manifest.time_features as two lines of loop code (diffusers' get_timestep_embedding, float64 arithmetic)."""
+    half = spec["dim"] // 2
+    order = "cos(a), sin(a)" if spec["flip_sin_to_cos"] else "sin(a), cos(a)"
+    pad = ", [0.0]" if spec["dim"] % 2 else ""
+    return [
+        "    # time features (manifest.time_features; computed on the host, not in a graph; float64, then float32)",
+        f"    a = {_number(spec['scale'])} * T.timesteps[i] * exp(-log({spec['max_period']}) * arange({half}) / "
+        f"({half} - {_number(spec['downscale_freq_shift'])}))   # [{half}]",
+        f"    time_features = [concat([{order}{pad}])] * {batch}   # {shape}",
+    ]
+
+
 def _loop_section(manifest: dict) -> str:
     wiring, schedule, sampler = manifest["wiring"], manifest["schedule"], manifest["sampler"]
     table = sampler["step_table"]
@@ -116,7 +129,6 @@ def _loop_section(manifest: dict) -> str:
     ids_spec = next(s for s in graphs[text["graph"]]["inputs"] if s["name"] == text["input"])
     text_outputs = ", ".join(s["name"] for s in graphs[text["graph"]]["outputs"])
     sample_spec = {s["name"]: s for name in wiring["steps"]["full"] for s in graphs[name]["inputs"]}
-    timestep_dtype = sample_spec.get("timestep", {}).get("dtype", table.get("timesteps_dtype", "float32"))
     pooled = "pooled_text" in {i for g in wiring["graphs"].values() for i in g["inputs"].values()}
     lines = [
         "# constants: manifest.json",
@@ -140,8 +152,9 @@ def _loop_section(manifest: dict) -> str:
         "for i in range(steps):",
         f"    sample = concat([x, x], axis=0) * T.input_scale[i]   # {_shape(sample_spec['sample'])}"
         if "sample" in sample_spec else "    sample = concat([x, x], axis=0) * T.input_scale[i]",
-        f"    timestep = [T.timesteps[i]] * {manifest['batch']}   # {timestep_dtype} [{manifest['batch']}]",
     ]
+    if "time_features" in sample_spec:
+        lines += _time_features_lines(manifest["time_features"], manifest["batch"], _shape(sample_spec["time_features"]))
     present = [k for k in ("full", "clocked") if k in kinds]
     for n, kind in enumerate(present):
         indent = "        " if len(present) > 1 else "    "
@@ -277,10 +290,8 @@ def _graphs_section(bundle: Path, manifest: dict) -> str:
                          f"{quant.get('weights', '')}, activations {quant.get('activation_bits')}-bit "
                          f"{quant.get('activations', '')}. Why: {quant.get('reason', '')}.")
             details = quant.get("details") or {}
-            extra = [f"{k} {details[k]}" for k in ("opset", "timestep_bits", "float_functional_ops")
+            extra = [f"{k} {details[k]}" for k in ("opset", "time_features_bits", "float_functional_ops")
                      if details.get(k) is not None]
-            if details.get("float_nodes"):
-                extra.append(f"{len(details['float_nodes'])} float nodes on the timestep path")
             if extra:
                 lines.append("Details: " + "; ".join(str(e) for e in extra) + ".")
         elif quant.get("reason"):
@@ -376,7 +387,29 @@ def _parity_section(manifest: dict) -> str:
             f"Final latent PSNR: **{parity.get('final_latent_psnr_db', float('nan')):.2f} dB** "
             f"({parity.get('psnr_definition', '')}).\n\n"
             + _table(["graph", "SQNR (dB, worst output)", "samples", "per output (dB)"], graph_rows) + "\n\n"
-            + _table(["step i", "kind", "latent PSNR (dB)", "guidance ratio std(cond-uncond) vs FP32"], step_rows))
+            + _table(["step i", "kind", "latent PSNR (dB)", "guidance ratio std(cond-uncond) vs FP32"], step_rows)
+            + _provider_parity(manifest))
+
+
+def _provider_parity(manifest: dict) -> str:
+    """The same numbers measured on other execution providers (``cw-export validate --provider P --record``)."""
+    by_provider = manifest.get("parity_by_provider") or {}
+    if not by_provider:
+        return ""
+    parity = manifest["parity"]
+    providers = sorted(by_provider)
+    rows = [[f"`{n}`", f"{r['sqnr_db']:.2f}"] + [f"{by_provider[p]['graphs'][n]['sqnr_db']:.2f}"
+                                                 if n in by_provider[p]["graphs"] else "-" for p in providers]
+            for n, r in sorted(parity.get("graphs", {}).items())]
+    rows.append(["final latent PSNR", f"{parity.get('final_latent_psnr_db', float('nan')):.2f}"]
+                + [f"{by_provider[p]['final_latent_psnr_db']:.2f}" for p in providers])
+    rows.append(["gate", "passed" if parity.get("gate", {}).get("passed") else "failed"]
+                + ["passed" if by_provider[p]["gate"]["passed"] else "failed: " + "; ".join(by_provider[p]["gate"]["failures"])
+                   for p in providers])
+    return ("\n\nThe same held-out prompts and seeds on other execution providers (`cw-export validate BUNDLE "
+            "--provider P --record`; qnn-htp is onnxruntime-qnn's HTP backend, emulated on x86_64 when measured on a "
+            "desktop), SQNR (dB) vs FP32 torch:\n\n"
+            + _table(["graph", "cpu (onnxruntime CPU EP)", *providers], rows))
 
 
 # -- the document --------------------------------------------------------------------------------------------------

@@ -42,6 +42,40 @@ def _has_cross_attention(block) -> bool:
     return bool(getattr(block, "has_cross_attention", False))
 
 
+def time_features_spec(unet) -> dict:
+    """The UNet's sinusoidal timestep projection as data, so a runtime can compute ``time_features`` itself.
+
+    The exported high_res_in takes these features instead of the timestep: sin/cos of arguments up to ~1000 lose
+    every digit at the reduced float precision the Hexagon NPU runs float ops in (measured on the emulated HTP: temb
+    at 18-25 dB vs the CPU; docs/qnn_htp.md), while the features themselves lie in [-1, 1] and quantize like any
+    activation. Formula: diffusers.models.embeddings.get_timestep_embedding (runtime.time_features computes it).
+    """
+    proj = unet.time_proj
+    if type(proj).__name__ != "Timesteps":
+        raise ModelError(f"UNet time_proj is {type(proj).__name__}; the split supports diffusers Timesteps only")
+    return {"function": "sinusoidal", "dim": int(proj.num_channels), "flip_sin_to_cos": bool(proj.flip_sin_to_cos),
+            "downscale_freq_shift": float(proj.downscale_freq_shift), "scale": float(proj.scale),
+            "max_period": 10000}
+
+
+def _high_res_in_body(part, sample: torch.Tensor, time_features: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    """Time MLP + conv_in + level 0; shared by the torch part and its exported graph."""
+    # 1. time (diffusers UNet2DConditionModel.forward, phase 1, after time_proj)
+    temb = part.time_embedding(time_features)
+    if part.time_embed_act is not None:
+        temb = part.time_embed_act(temb)
+    # 2. pre-process
+    sample = part.conv_in(sample)
+    # 3. down, level 0 only; its last residual is the downsampler output = r_in (the cut).
+    block = part.down_block
+    if _has_cross_attention(block):
+        r_in, residuals = block(hidden_states=sample, temb=temb, encoder_hidden_states=encoder_hidden_states)
+    else:
+        r_in, residuals = block(hidden_states=sample, temb=temb)
+    skips = (sample,) + tuple(residuals[:-1])
+    return (temb, r_in) + skips
+
+
 class HighResIn(nn.Module):
     """Inputs (sample, timestep, encoder_hidden_states) -> (temb, r_in, skip_0 .. skip_k)."""
 
@@ -55,21 +89,24 @@ class HighResIn(nn.Module):
         self.down_block = unet.down_blocks[0]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        # 1. time (diffusers UNet2DConditionModel.forward, phase 1)
-        t_emb = self.time_proj(timestep).to(dtype=sample.dtype)
-        temb = self.time_embedding(t_emb)
-        if self.time_embed_act is not None:
-            temb = self.time_embed_act(temb)
-        # 2. pre-process
-        sample = self.conv_in(sample)
-        # 3. down, level 0 only; its last residual is the downsampler output = r_in (the cut).
-        block = self.down_block
-        if _has_cross_attention(block):
-            r_in, residuals = block(hidden_states=sample, temb=temb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            r_in, residuals = block(hidden_states=sample, temb=temb)
-        skips = (sample,) + tuple(residuals[:-1])
-        return (temb, r_in) + skips
+        time_features = self.time_proj(timestep).to(dtype=sample.dtype)  # diffusers casts for half-precision UNets
+        return _high_res_in_body(self, sample, time_features, encoder_hidden_states)
+
+
+class HighResInGraph(nn.Module):
+    """high_res_in as exported: inputs (sample, time_features, encoder_hidden_states), where time_features is
+    ``time_proj(timestep)`` computed by the runtime (``time_features_spec``). Shares the part's modules, under the
+    same names, so exported tensor names and encodings are those of the UNet."""
+
+    def __init__(self, part: HighResIn) -> None:
+        super().__init__()
+        self.time_embedding = part.time_embedding
+        self.time_embed_act = part.time_embed_act
+        self.conv_in = part.conv_in
+        self.down_block = part.down_block
+
+    def forward(self, sample: torch.Tensor, time_features: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return _high_res_in_body(self, sample, time_features, encoder_hidden_states)
 
 
 class LowRes(nn.Module):
@@ -152,6 +189,15 @@ class ClockworkSplit:
     @property
     def skip_names(self) -> list[str]:
         return [f"skip_{i}" for i in range(self.num_skips)]
+
+    def graph_modules(self) -> dict[str, nn.Module]:
+        """The modules behind the exported graphs (high_res_in takes time features, see ``time_features_spec``)."""
+        return {"high_res_in": HighResInGraph(self.high_res_in), "low_res": self.low_res,
+                "high_res_out": self.high_res_out}
+
+    def time_features(self, timestep: torch.Tensor) -> torch.Tensor:
+        """high_res_in's graph input for ``timestep`` (torch; the runtime computes the same in numpy)."""
+        return self.high_res_in.time_proj(timestep)
 
     def unet_forward(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
         """Full step through the three parts; equals the UNet's output (tested)."""

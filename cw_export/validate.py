@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError, CwExportError
+from .errors import BundleError, CwExportError, InputError
 from .runtime.manifest import read_manifest, verify_bundle
 
 
@@ -96,7 +96,7 @@ def _encoding_entries(encodings: object) -> list[dict]:
 def encodings_checks(bundle: Path, manifest: dict) -> list[Check]:
     """Each quantized graph's encodings file (AIMET JSON, for QNN converters) matches its graphs: every encoding
     names a tensor of the graph it was computed on, that graph has the deployed graph's I/O, and the bit widths are
-    the ones the manifest records (weights; activations, or the 16-bit timestep path)."""
+    the ones the manifest records (weights; activations, or the 16-bit time features)."""
     import json
 
     import onnx
@@ -126,9 +126,11 @@ def encodings_checks(bundle: Path, manifest: dict) -> list[Check]:
         expected_io = ([s["name"] for s in graph["inputs"]], [s["name"] for s in graph["outputs"]])
         if io_names != expected_io:
             problems.append(f"encodings graph I/O {io_names} != graph I/O {expected_io}")
-        act_bits = {quant.get("activation_bits"), details.get("timestep_bits")} - {None}
-        wrong_acts = sorted({e.get("bw") for e in activations} - act_bits, key=str)
-        wrong_params = sorted({e.get("bw") for e in params} - {quant.get("weight_bits")}, key=str)
+        act_bits = {quant.get("activation_bits"), details.get("time_features_bits")} - {None}
+        weights = {t.name for t in model.graph.initializer}  # aimet also lists some weights as "activations"
+        wrong_acts = sorted({e.get("bw") for e in activations if e.get("name") not in weights} - act_bits, key=str)
+        wrong_params = sorted({e.get("bw") for e in params + [e for e in activations if e.get("name") in weights]}
+                              - {quant.get("weight_bits")}, key=str)
         if wrong_acts:
             problems.append(f"activation bit width(s) {wrong_acts} not in the manifest's {sorted(act_bits)}")
         if wrong_params:
@@ -246,15 +248,13 @@ def _static_role(graph: _Graph, dq) -> str:
 
 def qdq_pair_check(name: str, graph: _Graph, quant: dict) -> Check:
     """Each QuantizeLinear feeds only DequantizeLinear nodes with its scale, zero point and axis; zero-point dtypes
-    carry the manifest's bit widths: weights weight_bits; activations activation_bits (plus the 16-bit timestep
-    boundary); other constants either; biases int32."""
+    carry the manifest's bit widths: weights weight_bits; activations activation_bits (plus the 16-bit time
+    features); other constants either; biases int32."""
     import numpy as np
 
     details = quant.get("details") or {}
     weight_bits = _bits(quant.get("weight_bits"))
-    act_bits = _bits(quant.get("activation_bits")) | _bits(details.get("timestep_bits"))
-    if details.get("sixteen_bit_overrides"):
-        act_bits.add(16)
+    act_bits = _bits(quant.get("activation_bits")) | _bits(details.get("time_features_bits"))
     allowed = {"weight": weight_bits, "activation": act_bits, "constant": weight_bits | act_bits,
                "bias": {BIAS_BITS}}
     problems, pairs, dtypes = [], 0, Counter()
@@ -308,6 +308,17 @@ def _reexpressed_scopes(deployed: _Graph, plain: _Graph) -> set[str]:
     return {scope for scope in set(a) | set(b) if a.get(scope) != b.get(scope)}
 
 
+def _identity_aliased(plain: _Graph) -> set[str]:
+    """Initializers the encodings graph copies through Identity nodes, and the copies (torch's exporter deduplicates
+    equal parameters, e.g. all-ones LayerNorm gammas): aimet encodes the original and each copy alike, while the
+    deployed graph stores one of the names (quantize.fold), so the others have no QDQ tensor of their name."""
+    names = set()
+    for node in plain.model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in plain.inits:
+            names.update((node.input[0], node.output[0]))
+    return names
+
+
 def encodings_qdq_check(bundle: Path, name: str, graph: _Graph, quant: dict) -> Check:
     """The deployed QDQ graph and the AIMET encodings quantize the same tensors with the same parameters: every
     QDQ-quantized tensor has an encoding and every encoding a QDQ-quantized tensor (activations and weights), and
@@ -330,8 +341,9 @@ def encodings_qdq_check(bundle: Path, name: str, graph: _Graph, quant: dict) -> 
     def exempt(tensor: str, where: _Graph) -> bool:
         return where.scope(tensor) in skipped_scopes
 
-    missing = sorted(t for t in quantized if t not in encodings and not exempt(t, graph))
-    unquantized = sorted(t for t in encodings if t not in quantized and not exempt(t, plain))
+    aliased = _identity_aliased(plain)
+    missing = sorted(t for t in quantized if t not in encodings and not exempt(t, graph) and t not in aliased)
+    unquantized = sorted(t for t in encodings if t not in quantized and not exempt(t, plain) and t not in aliased)
     problems = []
     if missing:
         problems.append(f"{len(missing)} QDQ-quantized tensor(s) have no encoding, e.g. {missing[0]!r}")
@@ -494,9 +506,10 @@ def wiring_check(manifest: dict) -> Check:
     return Check("wiring", not errors, "; ".join(errors) if errors else "all slots produced before use")
 
 
-def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu") -> list[Check]:
+def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: bool = False) -> list[Check]:
     """Re-measure FP32 trajectory parity against the source model (runtime vs torch reference, same noise); on
-    ``provider`` other than cpu, a quantized bundle's parity is measured on that provider (nothing is recorded)."""
+    ``provider`` other than cpu, a quantized bundle's parity is measured on that provider (recorded in the manifest
+    with ``record``)."""
     import torch
 
     from .models.pipeline import load_model
@@ -511,7 +524,7 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu") -> list[C
     if model.source.get("sha256") != source.get("sha256"):
         return [Check("source model hash", False, "source model changed since the bundle was built")]
     if "parity" in manifest:  # quantized bundle: re-measure its recorded numbers, re-check its gate
-        return quantized_parity_checks(bundle, manifest, model, provider)
+        return quantized_parity_checks(bundle, manifest, model, provider, record)
     runner = BundleRunner(bundle, provider=provider, verify=False)
     hidden, pooled = text_embeddings(model, "a red triangle on the left")
     noise = np.random.default_rng(0).standard_normal(runner.latent_shape(), dtype=np.float32)
@@ -527,32 +540,87 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu") -> list[C
     return checks
 
 
-def quantized_parity_checks(bundle: Path, manifest: dict, model, provider: str = "cpu") -> list[Check]:
-    """Re-measure a quantized bundle's parity (same held-out prompts, seeds and session options as recorded) and
-    check that the numbers equal the manifest's and still meet the recorded thresholds.
+def shipped_adaptor_state(model, manifest: dict) -> dict | None:
+    """The learned adaptor's FP32 weights, when the bundle was built with the model's shipped checkpoint (same
+    sha256): the reference the quantized adaptor graph is measured against."""
+    from .distill.checkpoint import read_checkpoint
+    from .models.pipeline import shipped_adaptor
+
+    path = shipped_adaptor(model)
+    if path is None:
+        return None
+    checkpoint = read_checkpoint(path)
+    return checkpoint.state_dict if checkpoint.sha256 == manifest["adaptor"].get("checkpoint_sha256") else None
+
+
+def record_provider_parity(bundle: Path, provider: str, numbers: dict, found: list[str]) -> None:
+    """Store parity measured on ``provider`` in the manifest (``parity_by_provider``, beside the CPU EP's
+    ``parity``) and regenerate the hand-off README that shows both; the manifest's file hashes stay consistent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .atomic import write_file_atomic
+    from .handoff import refresh_handoff
+    from .runtime.manifest import MANIFEST_NAME, manifest_bytes
+
+    try:
+        qnn_version = version("onnxruntime-qnn")
+    except PackageNotFoundError:
+        qnn_version = None
+    manifest = read_manifest(bundle)
+    manifest.setdefault("parity_by_provider", {})[provider] = {
+        "graphs": {name: {"sqnr_db": r["sqnr_db"], "outputs": r.get("outputs", {})}
+                   for name, r in numbers["graphs"].items()},
+        "final_latent_psnr_db": numbers["final_latent_psnr_db"],
+        "steps": [{"step": s["step"], "kind": s["kind"], "latent_psnr_db": s["latent_psnr_db"],
+                   "guidance_ratio": s["guidance_ratio"]} for s in numbers["steps"]],
+        "gate": {"passed": not found, "failures": found}, "onnxruntime_qnn": qnn_version,
+    }
+    write_file_atomic(bundle / MANIFEST_NAME, manifest_bytes(manifest))
+    refresh_handoff(bundle)
+
+
+def measure_on_provider(bundle: Path, manifest: dict, model, provider: str = "cpu") -> dict | str:
+    """The bundle's parity numbers (``parity.measure``: same held-out prompts, seeds and session options as
+    recorded) with its quantized graphs on ``provider``; a string says why they cannot be measured."""
+    from .parity import measure
+    from .quantize.stages import image_references, tokenizer_fn, torch_graphs
+    from .runtime.sessions import create_session, manifest_session_config
+
+    recorded = manifest["parity"]
+    adaptor_state = None
+    if manifest["adaptor"]["kind"] == "learned":
+        adaptor_state = shipped_adaptor_state(model, manifest)
+        if adaptor_state is None:
+            return ("skipped: the learned adaptor's FP32 weights are not in the bundle, and it is not the model's "
+                    "shipped adaptor")
+    config = manifest_session_config(manifest)
+    if config != recorded["session_options"]:
+        return f"manifest session_options {config} != parity's {recorded['session_options']}"
+    graphs = torch_graphs(model, manifest, adaptor_state)
+    sessions = {name: create_session(bundle / manifest["graphs"][name]["file"], provider, config=config,
+                                     precision=manifest["graphs"][name].get("precision"))
+                for name in recorded["graphs"]}
+    images = image_references(model, manifest, bundle, provider) if "image" in recorded else None
+    return measure(manifest, graphs, sessions, tokenizer_fn(model), recorded["prompts"], recorded["seeds"][0],
+                   images=images, aggregate=recorded.get("prompt_aggregate", "pooled"))
+
+
+def quantized_parity_checks(bundle: Path, manifest: dict, model, provider: str = "cpu",
+                            record: bool = False) -> list[Check]:
+    """Re-measure a quantized bundle's parity and check that the numbers equal the manifest's and still meet the
+    recorded thresholds.
 
     On another ``provider`` (qnn-htp) the same numbers are measured there: they are not expected to equal the
     manifest's (measured on the CPU EP), so only the recorded thresholds gate; each graph's SQNR is printed."""
     from types import SimpleNamespace
 
-    from .parity import compare, failures, measure
-    from .quantize.stages import image_references, tokenizer_fn, torch_graphs
-    from .runtime.sessions import create_session, manifest_session_config
+    from .parity import compare, failures
 
     recorded = manifest["parity"]
-    if manifest["adaptor"]["kind"] == "learned":
-        return [Check("quantized parity", True, "skipped: the learned adaptor's FP32 weights are not in the bundle")]
-    config = manifest_session_config(manifest)
-    if config != recorded["session_options"]:
-        return [Check("session options", False, f"manifest session_options {config} != parity's "
-                      f"{recorded['session_options']}")]
-    graphs = torch_graphs(model, manifest)
-    sessions = {name: create_session(bundle / manifest["graphs"][name]["file"], provider, config=config,
-                                     precision=manifest["graphs"][name].get("precision"))
-                for name in recorded["graphs"]}
-    images = image_references(model, manifest, bundle, provider) if "image" in recorded else None
-    numbers = measure(manifest, graphs, sessions, tokenizer_fn(model), recorded["prompts"],
-                      recorded["seeds"][0], images=images, aggregate=recorded.get("prompt_aggregate", "pooled"))
+    numbers = measure_on_provider(bundle, manifest, model, provider)
+    if isinstance(numbers, str):
+        skipped = numbers.startswith("skipped")
+        return [Check("quantized parity" if skipped else "session options", skipped, numbers)]
     if provider != "cpu":
         minimum = recorded["thresholds"].get("graph_min_sqnr_db", 0)
         checks = [Check(f"{name} SQNR on {provider}", result["sqnr_db"] >= minimum, f"{result['sqnr_db']:.2f} dB "
@@ -566,6 +634,8 @@ def quantized_parity_checks(bundle: Path, manifest: dict, model, provider: str =
         found = failures(numbers, SimpleNamespace(**recorded["thresholds"]))
         checks.append(Check(f"quantized parity gate on {provider}", not found,
                             "; ".join(found) if found else "all recorded thresholds met"))
+        if record:
+            record_provider_parity(bundle, provider, numbers, found)
         return checks
     diffs = compare(recorded, numbers)
     checks = [Check("quantized parity re-measured", not diffs, "; ".join(diffs) if diffs else
@@ -591,12 +661,16 @@ def validate_command(args: argparse.Namespace) -> int:
 
     provider = getattr(args, "provider", "cpu")
     check_provider(provider)
+    record = getattr(args, "record", False)
+    if record and provider == "cpu":
+        raise InputError("--record stores numbers measured on another provider (--provider qnn-htp); the CPU EP's "
+                         "are the manifest's own")
     bundle = Path(args.bundle)
     manifest = read_manifest(bundle)
     checks = integrity_checks(bundle, manifest)
     if all(c.ok for c in checks) and not args.no_parity:
         try:
-            checks += parity_checks(bundle, manifest, provider)
+            checks += parity_checks(bundle, manifest, provider, record)
         except CwExportError as exc:
             checks.append(Check("parity", False, str(exc)))
     print_table(checks)

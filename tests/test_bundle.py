@@ -23,7 +23,7 @@ def test_manifest_lists_every_file_with_hash_and_size(fp32_bundle):
 
 def test_manifest_contract_fields(fp32_bundle, tiny_model):
     m = read_manifest(fp32_bundle)
-    assert m["schema_version"] == 1 and m["target"] == "cpu-fp32"
+    assert m["schema_version"] == 2 and m["target"] == "cpu-fp32"
     assert m["source_model"]["name"] == "tiny-random" and len(m["source_model"]["sha256"]) == 64
     assert m["schedule"]["step_kinds"] == ["full", "clocked"] * 4
     assert m["sampler"]["name"] == "dpmpp_2m" and len(m["sampler"]["alphas_cumprod"]) == 1000
@@ -35,8 +35,13 @@ def test_manifest_contract_fields(fp32_bundle, tiny_model):
     assert set(m["graphs"]) == {"text_encoder", "high_res_in", "low_res", "high_res_out", "vae_decoder"}
     assert m["graphs"]["vae_decoder"]["outputs"][0]["shape"] == [1, 3, 32, 32]
     hi = m["graphs"]["high_res_in"]
-    assert [s["name"] for s in hi["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [s["name"] for s in hi["inputs"]] == ["sample", "time_features", "encoder_hidden_states"]
     assert hi["inputs"][0]["shape"] == [2, 4, 16, 16]
+    # the sinusoidal timestep features are computed by the runtime (docs/qnn_htp.md), described as data
+    dim = tiny_model.unet.config.block_out_channels[0]
+    assert hi["inputs"][1]["shape"] == [2, dim]
+    assert m["time_features"] == {"function": "sinusoidal", "dim": dim, "flip_sin_to_cos": True,
+                                  "downscale_freq_shift": 0.0, "scale": 1.0, "max_period": 10000}
     assert m["wiring"]["cache"] == {"r_out_prev": "r_out"}
     assert m["wiring"]["steps"]["clocked"] == ["high_res_in", "high_res_out"]
     for graph in m["graphs"].values():

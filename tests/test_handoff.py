@@ -107,7 +107,8 @@ def _run_pseudo_code(bundle, prompt: str, noise: np.ndarray) -> tuple[np.ndarray
     tokenizer = ClipTokenizer.from_dir(bundle / manifest["tokenizer"]["folder"])
     namespace = {name: graph(name) for name in manifest["graphs"]}
     namespace.update(sampler=SimpleNamespace(step_table=SimpleNamespace(**manifest["sampler"]["step_table"])),
-                     tokenize=tokenizer, concat=np.concatenate, negative_prompt="", prompt=prompt, noise=noise)
+                     tokenize=tokenizer, concat=np.concatenate, exp=np.exp, log=np.log, arange=np.arange,
+                     sin=np.sin, cos=np.cos, negative_prompt="", prompt=prompt, noise=noise)
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the document's own code, in a test
     return namespace["x"], namespace["image"]
 

@@ -187,7 +187,7 @@ def test_declared_bit_width_and_opset_are_checked_against_the_graphs(bundle, cap
     manifest = _manifest(bundle)
     name = _quantized_graphs(manifest)[0]
     manifest["graphs"][name]["quantization"]["activation_bits"] = 8
-    manifest["graphs"][name]["quantization"]["details"]["timestep_bits"] = None
+    manifest["graphs"][name]["quantization"]["details"]["time_features_bits"] = None
     manifest["graphs"]["text_encoder"]["quantization"]["details"]["opset"] = 16  # every graph is quantized now
     _rehash(bundle, manifest)
     code, lines = _validate(bundle, capsys)

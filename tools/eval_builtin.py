@@ -1,7 +1,7 @@
 """Measure prompt accuracy and the Fréchet distance of a model's images (full FP32 and Clockwork FP32).
 
   python tools/eval_builtin.py [--model shapes] [--split held_out|train] [--repeats 4]
-                               [--clocks 1 2] [--steps 8] [--guidance 7.5] [--json OUT] [--grid OUT.png]
+                               [--clocks 1 2] [--steps 8] [--guidance G] [--json OUT] [--grid OUT.png]
 
 ``--model``: a diffusers folder or a built-in name. Prints one JSON object (also written to ``--json``).
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from cw_export.evaluate.generate import generate_images
+from cw_export.evaluate.generate import DEFAULT_GUIDANCE, generate_images
 from cw_export.evaluate.report import evaluate_model, held_out_captions, image_grid, train_captions
-from cw_export.models.pipeline import load_model
+from cw_export.models.pipeline import declared_guidance, load_model
 
 DEFAULT_MODEL = "shapes"  # cw_export/models/builtin
 
@@ -29,13 +29,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=4, help="images per caption")
     p.add_argument("--clocks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, help="default: the model's declared guidance (cw_export.json), else 7.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
     p.add_argument("--grid", type=Path, help="write a PNG of the full-FP32 images of the first 30 captions")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.guidance is None:
+        declared = declared_guidance(args.model)
+        args.guidance = DEFAULT_GUIDANCE if declared is None else declared
     model = load_model(args.model)
     captions = held_out_captions(args.repeats) if args.split == "held_out" else train_captions(args.repeats)
     result = evaluate_model(model, captions, clocks=tuple(args.clocks), seed=args.seed, steps=args.steps,

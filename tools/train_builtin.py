@@ -234,6 +234,9 @@ def train_unet(args, vae, unet, text_encoder, tokenizer) -> None:
     records = []
     gen = torch.Generator().manual_seed(SEED + step)
 
+    snapshot_every = args.snapshot_minutes * 60.0
+    last_snapshot = time.time()
+
     def save() -> None:
         save_atomic({"unet": unet.state_dict(), "ema": ema["unet"].state_dict(),
                      "text_encoder": text_encoder.state_dict(), "ema_text_encoder": ema["text_encoder"].state_dict(),
@@ -273,9 +276,33 @@ def train_unet(args, vae, unet, text_encoder, tokenizer) -> None:
             save()
             append_log(args.workdir / "loss_unet.json", records)
             records, last_ckpt = [], time.time()
+        if snapshot_every > 0 and time.time() - last_snapshot > snapshot_every:
+            save_snapshot(args.workdir, step, ema)
+            last_snapshot = time.time()
     save()
     append_log(args.workdir / "loss_unet.json", records)
     log(f"unet: stopped at step {step} after {(time.time() - t0) / 60:.1f} min")
+
+
+def save_snapshot(workdir: Path, step: int, ema: torch.nn.ModuleDict) -> Path:
+    """Keep the EMA weights of this step for weight averaging (measured: single EMA snapshots 3k steps apart scored
+    0.81-0.92 held-out prompt accuracy, so one snapshot is a noisy pick; the mean of two scored between them)."""
+    path = workdir / "snapshots" / f"step_{step:06d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic({"ema": ema["unet"].state_dict(), "ema_text_encoder": ema["text_encoder"].state_dict(),
+                 "step": step}, path)
+    log(f"snapshot: {path.name}")
+    return path
+
+
+def averaged_snapshots(workdir: Path, last: int) -> tuple[dict, dict, list[int]]:
+    """Uniform mean of the last ``last`` snapshots' EMA weights (stochastic weight averaging, Izmailov et al. 2018)."""
+    paths = sorted((workdir / "snapshots").glob("step_*.pt"))[-last:]
+    if len(paths) < last:
+        raise SystemExit(f"error: {len(paths)} snapshot(s) in {workdir / 'snapshots'}, --average-last {last} needs {last}")
+    states = [torch.load(p, weights_only=False) for p in paths]
+    mean = lambda key: {k: sum(s[key][k].float() for s in states) / len(states) for k in states[0][key]}
+    return mean("ema"), mean("ema_text_encoder"), [s["step"] for s in states]
 
 
 def lr_tail_factor(seconds_left: float, args) -> float:
@@ -293,12 +320,18 @@ def export(args, vae, unet, text_encoder, tokenizer, tokenizer_files) -> Path:
     unet.load_state_dict(state["ema" if not args.no_ema else "unet"])
     if "text_encoder" in state:
         text_encoder.load_state_dict(state["ema_text_encoder" if not args.no_ema else "text_encoder"])
+    averaged_steps: list[int] = []
+    if args.average_last:
+        unet_state, text_state, averaged_steps = averaged_snapshots(args.workdir, args.average_last)
+        unet.load_state_dict(unet_state)
+        text_encoder.load_state_dict(text_state)
     model = SDModel(unet, text_encoder, tokenizer, vae, dict(configs.SD_NOISE_SCHEDULE),
                     tokenizer_files=tokenizer_files)
     for module in (unet, text_encoder, vae):
         module.eval().requires_grad_(False)
     out = save_model(model, args.out, overwrite=True)
-    info = {"unet_steps": state["step"], "unet_minutes": round(state["elapsed"] / 60, 1),
+    info = {"unet_steps": averaged_steps[-1] if averaged_steps else state["step"], "averaged_steps": averaged_steps,
+            "unet_minutes": round(state["elapsed"] / 60, 1),
             "weights_sha256": weights_hash(model), "seed": SEED}
     log(f"export: wrote {out} {info}")
     return out
@@ -324,6 +357,10 @@ def main(argv=None) -> int:
     p.add_argument("--text-lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--no-ema", action="store_true", help="export the raw instead of the EMA UNet weights")
+    p.add_argument("--snapshot-minutes", type=float, default=0.0,
+                   help="unet: keep the EMA weights every N minutes in <workdir>/snapshots/ (0: never)")
+    p.add_argument("--average-last", type=int, default=0,
+                   help="export: write the mean of the last K snapshots instead of the current EMA weights")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

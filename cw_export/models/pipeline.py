@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -250,6 +251,33 @@ SHAPES_NAME = "shapes"  # the small text-to-image model trained by tools/train_b
 SHAPES_DIR = Path(__file__).with_name("builtin")
 # its learned Clockwork adaptor, distilled on the shapes training captions (DPM++ 2M, 8 steps, clock 2; docs/builtin_model.md)
 SHAPES_ADAPTOR = Path(__file__).with_name("shapes_adaptor.safetensors")
+
+
+MODEL_DEFAULTS_NAME = "cw_export.json"  # optional file in a model folder: settings its trainer measured, e.g. guidance
+
+
+def declared_guidance(spec: str) -> float | None:
+    """The classifier-free guidance scale a model declares (``guidance_scale`` in its folder's cw_export.json), or
+    None. Read without loading the weights, so the CLI can resolve it before any heavy work. Measured on the shapes
+    model: prompt accuracy 100% at guidance 4, 86% at the recipes' 7.5 (docs/builtin_model.md)."""
+    if spec in (BUILTIN_NAME, SHAPES_NAME):
+        folder = SHAPES_DIR
+    elif spec in BUILTIN_MODELS:
+        return None  # generated in code: no folder, no declared settings
+    else:
+        folder = Path(spec)
+    path = folder / MODEL_DEFAULTS_NAME
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("guidance_scale")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"unreadable {path}: {exc}") from None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ModelError(f"{path}: guidance_scale must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def shipped_adaptor(model: "SDModel") -> Path | None:

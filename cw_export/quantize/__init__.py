@@ -23,6 +23,8 @@ BACKENDS: dict[str, str] = {
 }
 ACTIVATION_BITS = (8, 16)
 WEIGHT_BITS = (8,)
+TIME_FEATURES_INPUT = "time_features"  # high_res_in's sinusoidal timestep embedding (cw_export.split)
+TIME_FEATURES_BITS = 16  # quantized at 16 bits even in an 8-bit graph: it carries the step index for every layer
 LAYER_SWEEPS = ("off", "block", "layer")  # granularity of the per-layer a8 sweep (cw_export.quantize.mixed)
 LOOP_GRAPHS = ("high_res_in", "low_res", "adaptor", "high_res_out")  # the denoising loop: always quantized
 IMAGE_GRAPHS = ("text_encoder", "vae_decoder")  # once per image: quantized only where the recipe names them

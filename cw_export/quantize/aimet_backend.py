@@ -6,7 +6,7 @@ Steps (PLATFORM.md lists the pitfalls each one avoids):
      attention matmuls are quantized (``scaled_dot_product_attention`` would stay float); aimet's model preparer is
      not used (it cannot trace diffusers)
   2. build the sim: per-channel symmetric INT8 weights, 8- or 16-bit asymmetric activations (min-max); the
-     sinusoidal timestep embedding stays float and its output is quantized at 16 bits, never 8
+     ``time_features`` input (the sinusoidal timestep embedding) is quantized at 16 bits, never 8
   3. ``compute_encodings`` over the graph's ``CalibrationData`` (an adapter feeds the arrays as torch tensors)
   4. export: ONNX + AIMET encodings JSON (``sim.onnx.export``, for QNN converters) and a QDQ ONNX
      (``aimet_torch.onnx.export``, opset 21: 16-bit QDQ needs it) that onnxruntime runs, its weights then stored as
@@ -26,10 +26,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from . import GraphJob, QuantizedGraph
+from . import TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
 from .fold import fold_weight_quantizers_file
+from .htp_forms import apply_htp_forms_file
 
-SIM_CONFIG = {  # aimet quantsim config: per-channel symmetric weights, float biases, quantized model inputs
+# aimet quantsim config: per-channel symmetric weights, float biases, quantized model inputs; LayerNorm gammas per
+# tensor (the QNN HTP rejects a per-channel LayerNorm gamma: graphAddNode error 1000, docs/qnn_htp.md)
+SIM_CONFIG = {
     "defaults": {
         "ops": {"is_output_quantized": "True"},
         "params": {"is_quantized": "True", "is_symmetric": "True"},
@@ -38,12 +41,11 @@ SIM_CONFIG = {  # aimet quantsim config: per-channel symmetric weights, float bi
         "unsigned_symmetric": "False",
     },
     "params": {"bias": {"is_quantized": "False"}},
-    "op_type": {},
+    "op_type": {"LayerNormalization": {"per_channel_quantization": "False"}},
     "supergroups": [],
     "model_input": {"is_input_quantized": "True"},
     "model_output": {},
 }
-TIMESTEP_BITS = 16  # the sinusoidal embedding's output feeds time_embedding.linear_1 at 16 bits (PLATFORM.md)
 
 
 def _quantizable_processor_class():
@@ -171,13 +173,18 @@ def _quiet():
             lg.setLevel(old)
 
 
-def _timestep_quantizer(sim_model) -> str | None:
-    """Give time_embedding.linear_1 a 16-bit input quantizer (its input is the float sinusoidal embedding)."""
+def _time_features_quantizer(sim_model) -> str | None:
+    """Give time_embedding.linear_1 a 16-bit input quantizer of range [-1, 1] (its input is the graph's
+    time_features)."""
     from aimet_torch.quantization.affine import QuantizeDequantize
 
     for name, module in sim_model.named_modules():
         if name.endswith("time_embedding.linear_1") and hasattr(module, "input_quantizers"):
-            module.input_quantizers[0] = QuantizeDequantize((), bitwidth=TIMESTEP_BITS, symmetric=False)
+            quantizer = QuantizeDequantize((), bitwidth=TIME_FEATURES_BITS, symmetric=False)
+            # sin/cos lie in [-1, 1] whichever timesteps calibration saw: a fixed range, not min-max of the samples
+            quantizer.set_range(-1.0, 1.0)
+            quantizer.allow_overwrite(False)
+            module.input_quantizers[0] = quantizer
             return name
     return None
 
@@ -205,7 +212,7 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
             sim = QuantizationSimModel(job.module, example, default_output_bw=job.activation_bits,
                                        default_param_bw=settings.weight_bits if settings else 8,
                                        config_file=str(config))
-        timestep_layer = _timestep_quantizer(sim.model) if "timestep" in job.input_names else None
+        time_layer = _time_features_quantizer(sim.model) if TIME_FEATURES_INPUT in job.input_names else None
 
         # 3. calibration: the adapter from CalibrationData (dicts of arrays) to positional torch tensors
         def forward_pass(model) -> None:
@@ -214,7 +221,7 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
 
         sim.compute_encodings(forward_pass)
         # 4. exports
-        opset = 21  # 16-bit QDQ needs opset 21, and even an 8-bit graph has the 16-bit timestep quantizer
+        opset = 21  # 16-bit QDQ needs opset 21, and even an 8-bit graph has the 16-bit time features quantizer
         names = {"input_names": job.input_names, "output_names": job.output_names, "dynamo": False}
         plain = encodings_dir / f"{job.name}.onnx"
         sim.onnx.export(example, str(plain), encoding_version="1.0.0", opset_version=17, **names)
@@ -223,15 +230,16 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     quantized_modules = sum(1 for m in sim.model.modules() if hasattr(m, "output_quantizers"))
     del sim  # its float weights are not needed for the fold below
     folded = fold_weight_quantizers_file(qdq)  # weights stored as integers, not float + QuantizeLinear
+    forms = apply_htp_forms_file(qdq)  # numerics-preserving rewrites into forms the QNN HTP runs correctly
     encodings = encodings_dir / f"{job.name}.encodings"
     data = json.loads(encodings.read_text(encoding="utf-8"))
     return QuantizedGraph(qdq, encodings, {
         "aimet_torch": aimet_torch.__version__, "encodings_version": data.get("version"),
         "activation_encodings": len(data.get("activation_encodings", [])),
         "param_encodings": len(data.get("param_encodings", [])),
-        "quantized_modules": quantized_modules, "timestep_input_quantizer": timestep_layer,
-        "weights_stored_quantized": folded,
-        "timestep_bits": TIMESTEP_BITS if timestep_layer else None, "encodings_graph": f"encodings/{job.name}.onnx",
+        "quantized_modules": quantized_modules, "time_features_quantizer": time_layer,
+        "weights_stored_quantized": folded, "htp_forms": forms,
+        "time_features_bits": TIME_FEATURES_BITS if time_layer else None, "encodings_graph": f"encodings/{job.name}.onnx",
         "opset": opset,
         "float_functional_ops": "residual adds, concats, attention scale, gelu, interpolate (not modules in diffusers)",
     })

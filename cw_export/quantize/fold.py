@@ -33,11 +33,33 @@ def quantize_constant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, 
     return np.clip(q, info.min, info.max).astype(zero_point.dtype)
 
 
+def materialize_initializer_identities(graph: onnx.GraphProto) -> int:
+    """Replace every ``Identity(initializer)`` by an initializer of the Identity's output name holding the same
+    values (in place); returns how many. torch's exporter deduplicates equal parameters through such nodes (e.g.
+    LayerNorm gammas that are all ones); left in, the QuantizeLinear after them does not fold and the HTP receives
+    a computed LayerNorm gamma, which it rejects (graphAddNode error 1000, docs/qnn_htp.md). The name stays the
+    one AIMET's encodings use for that tensor."""
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    copies = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs]
+    for node in copies:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+    if copies:
+        kept = [n for n in graph.node if not any(n is c for c in copies)]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return len(copies)
+
+
 def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     """Fold every QuantizeLinear whose input, scale and integer zero point are initializers (in place); returns
     how many. A float initializer that something else also reads stays, and the integer one takes the Q output's
     name instead of the weight's."""
     graph = model.graph
+    materialize_initializer_identities(graph)
     inits = {t.name: t for t in graph.initializer}
     readers: dict[str, int] = {}
     for node in graph.node:

@@ -2,11 +2,12 @@
 
 Steps:
   1. ``qnn_preprocess_model``: the graph rewrites QNN expects (Erf sequence -> Gelu, ...)
-  2. find the timestep path (nodes computed from ``timestep`` and constants only: the sinusoidal embedding); it stays
-     float, and the tensors leaving it are forced to 16 bits (PLATFORM.md: 8-bit timesteps ruin the embedding)
+  2. the ``time_features`` input (the sinusoidal timestep embedding, computed by the runtime) is quantized at 16 bits
+     even in an 8-bit graph (TIME_FEATURES_BITS)
   3. ``get_qnn_qdq_config``: INT8 symmetric weights, per-channel for Conv and (through per-tensor overrides) for
      MatMul/Gemm weights, 8- or 16-bit asymmetric activations; MinMax calibration over ``CalibrationData``
   4. ``quantize`` -> QDQ ONNX (the graph to deploy)
+  5. ``htp_forms``: rewrites that keep every value but avoid forms the QNN HTP rejects or miscomputes
 """
 
 from __future__ import annotations
@@ -16,57 +17,36 @@ import logging
 import tempfile
 from pathlib import Path
 
-from . import GraphJob, QuantizedGraph
+import numpy as np
+
+from . import TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
+from .htp_forms import apply_htp_forms_file
 
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the quantizer must write external data (protobuf 2 GB limit)
 PER_CHANNEL_LINEAR_OPS = {"MatMul": 1, "Gemm": None}  # weight input axis of output channels (Gemm: from transB)
 
 
-def _constant_names(model) -> set[str]:
-    names = {i.name for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            names.update(node.output)
-    return names
-
-
-def timestep_path(model, input_name: str = "timestep") -> tuple[list[str], list[str]]:
-    """(node names computed only from ``input_name`` and constants, excluding weight layers; tensors that leave
-    that float path into the quantized graph)."""
-    constants = _constant_names(model)
-    derived = {input_name}
-    nodes = []
-    for node in model.graph.node:  # ONNX nodes are topologically sorted
-        inputs = [i for i in node.input if i]
-        if node.op_type == "Constant" or not inputs:
-            continue
-        if node.op_type in ("MatMul", "Gemm", "Conv"):
-            continue  # weight layers are quantized (their input at 16 bits, see below)
-        if all(i in derived or i in constants for i in inputs) and any(i in derived for i in inputs):
-            derived.update(node.output)
-            nodes.append(node.name)
-    if not nodes:
-        return [], []
-    consumed_outside = set()
-    excluded = set(nodes)
-    for node in model.graph.node:
-        if node.name not in excluded:
-            consumed_outside.update(i for i in node.input if i in derived)
-    return nodes, sorted(consumed_outside - {input_name} if nodes else consumed_outside)
-
-
-def _constant_arrays(model) -> dict:
-    """name -> array of every initializer and Constant node output."""
+def _constant_arrays(model, base_dir: str = "", max_external_bytes: int = 1 << 20) -> dict:
+    """name -> array of every initializer and Constant node output; of the initializers stored in external data
+    (``base_dir``) only those up to ``max_external_bytes``: a large graph's weights are never read into memory
+    (SD 1.5's low_res: 3.3 GB) for a check that only masks need."""
+    import onnx
     from onnx import numpy_helper
 
-    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    def small(tensor) -> bool:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return True
+        length = {e.key: e.value for e in tensor.external_data}.get("length")
+        return length is not None and int(length) <= max_external_bytes
+
+    arrays = {i.name: numpy_helper.to_array(i, base_dir) for i in model.graph.initializer if small(i)}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             arrays[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return arrays
 
 
-def masked_softmax_path(model) -> list[str]:
+def masked_softmax_path(model, base_dir: str = "") -> list[str]:
     """Constants holding non-finite values (CLIP's causal attention mask, -inf above the diagonal), the nodes that
     read them and the Softmax each one feeds: they stay float.
 
@@ -76,7 +56,7 @@ def masked_softmax_path(model) -> list[str]:
     quantized again where the next op reads it."""
     import numpy as np
 
-    arrays = _constant_arrays(model)
+    arrays = _constant_arrays(model, base_dir)
     nonfinite = {name for name, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all()}
     if not nonfinite:
         return []
@@ -158,7 +138,7 @@ def graph_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
-QDQ_OPSET = 21  # 16-bit QuantizeLinear/DequantizeLinear (the timestep boundary is 16-bit even in an 8-bit graph)
+QDQ_OPSET = 21  # 16-bit QuantizeLinear/DequantizeLinear (time_features are 16-bit even in an 8-bit graph)
 
 
 def raise_opset(path: Path, opset: int = QDQ_OPSET) -> bool:
@@ -206,10 +186,12 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
             onnx.save_model(source, str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
         raise_opset(pre)
         model = onnx.load(str(pre), load_external_data=False)
-        # 2. the timestep path stays float; what leaves it is 16-bit even in an 8-bit graph
-        float_nodes, boundary = timestep_path(model) if "timestep" in job.input_names else ([], [])
-        masked = masked_softmax_path(model)
-        overrides = {name: [{"quant_type": QuantType.QUInt16}] for name in boundary}
+        # 2. time features 16-bit even in an 8-bit graph; CLIP's masked softmax stays float
+        sixteen_bit = [name for name in job.input_names if name == TIME_FEATURES_INPUT]
+        masked = masked_softmax_path(model, str(pre.parent))
+        # sin/cos lie in [-1, 1] whichever timesteps calibration saw: a fixed range, not min-max of the samples
+        overrides = {name: [{"quant_type": QuantType.QUInt16, "rmin": np.array(-1.0, np.float32),
+                             "rmax": np.array(1.0, np.float32)}] for name in sixteen_bit}
         linear_weights = _linear_weight_overrides(model, QuantType.QInt8)
         layernorm_gammas = _layernorm_gamma_overrides(model)
         overrides.update(linear_weights)
@@ -218,7 +200,7 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         job.calibration.rewind()
         config = get_qnn_qdq_config(
             str(pre), job.calibration, activation_type=activation, weight_type=QuantType.QInt8,
-            per_channel=True, weight_symmetric=True, init_overrides=overrides, nodes_to_exclude=float_nodes + masked,
+            per_channel=True, weight_symmetric=True, init_overrides=overrides, nodes_to_exclude=masked,
             calibration_providers=["CPUExecutionProvider"])
         config.use_external_data_format = large
         # standard opset-21 QuantizeLinear/DequantizeLinear (16-bit capable), not com.microsoft contrib ops: other
@@ -226,10 +208,12 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         config.extra_options["UseQDQContribOps"] = False
         # 4. quantize
         quantize(str(pre), str(out), config)
+    forms = apply_htp_forms_file(out)  # 5. numerics-preserving rewrites into forms the QNN HTP runs correctly
     qdq = onnx.load(str(out), load_external_data=False)
     return QuantizedGraph(out, None, {
-        "float_nodes": float_nodes, "float_masked_softmax_nodes": masked, "sixteen_bit_overrides": boundary,
+        "float_masked_softmax_nodes": masked, "time_features_bits": TIME_FEATURES_BITS if sixteen_bit else None,
         "per_channel_linear_weights": len(linear_weights), "uint8_layernorm_gammas": len(layernorm_gammas),
+        "htp_forms": forms,
         "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qdq.graph.node),
         "opset": max(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx")),
     })

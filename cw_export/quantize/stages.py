@@ -75,8 +75,7 @@ def torch_graphs(model, manifest: dict, adaptor_state: dict | None = None) -> di
     from ..split import split_unet
 
     split = split_unet(model.unet)
-    modules = {"high_res_in": split.high_res_in, "low_res": split.low_res, "high_res_out": split.high_res_out,
-               "text_encoder": TextEncoderGraph(model.text_encoder), "vae_decoder": VaeDecoderGraph(model.vae)}
+    modules = {**split.graph_modules(), "text_encoder": TextEncoderGraph(model.text_encoder), "vae_decoder": VaeDecoderGraph(model.vae)}
     if "adaptor" in manifest["graphs"]:
         config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
         modules["adaptor"] = build_adaptor(config, adaptor_state)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: high_res_in reads "time_features" (manifest["time_features"]) instead of the timestep
 MANIFEST_NAME = "manifest.json"
 SELF_HASH_KEY = "manifest_sha256"  # sha256 of the manifest's canonical bytes without this key: covers manifest.json
 
@@ -82,7 +82,7 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(f"{bundle}: manifest schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    for key in ("files", "graphs", "wiring", "schedule", "sampler", "latent"):
+    for key in ("files", "graphs", "wiring", "schedule", "sampler", "latent", "time_features"):
         if key not in manifest:
             raise BundleError(f"{bundle}: manifest lacks '{key}'")
     _check_tables(bundle, manifest)

@@ -20,6 +20,7 @@ from . import schedulers
 from .manifest import load_verified
 from .schedule import CLOCKED, step_kinds
 from .sessions import check_provider, create_session, manifest_session_config
+from .time_features import sinusoidal_time_features
 
 StepHook = Callable[[int, str, dict], None]
 TEXT_OUTPUTS = ("encoder_hidden_states", "pooled_text")  # the text encoder graph's outputs, in this order
@@ -126,6 +127,7 @@ class BundleRunner:
         sampler = self.manifest["sampler"]
         table = schedulers.build_step_table(sampler["name"], sampler["config"], steps)
         wiring = self.manifest["wiring"]
+        time_spec = self.manifest["time_features"]
 
         latents = init_latents.astype(np.float32) * np.float32(schedulers.init_noise_sigma(table))
         state: dict = {}
@@ -142,7 +144,7 @@ class BundleRunner:
             model_input = schedulers.scale_model_input(table, i, np.concatenate([latents, latents]))
             slots = {
                 "sample": model_input.astype(np.float32),
-                "timestep": np.full((model_input.shape[0],), t, dtype=np.float32),
+                "time_features": sinusoidal_time_features(np.full((model_input.shape[0],), t), time_spec),
                 "encoder_hidden_states": encoder_hidden_states.astype(np.float32),
             }
             if pooled_text is not None:

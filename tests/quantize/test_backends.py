@@ -1,4 +1,4 @@
-"""Both backends on one graph (high_res_in: it carries the timestep path) with the same calibration data."""
+"""Both backends on one graph (high_res_in: it carries the time features) with the same calibration data."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 import pytest
 
 from cw_export.calibrate import collect, settings_for
@@ -52,14 +53,26 @@ def test_w8a16_graph_is_qdq_and_close_to_fp32(backend, setup, tmp_path):
     assert sqnr["sqnr_db"] < 200.0  # really quantized: not bit-exact with FP32
 
 
-def test_ort_backend_keeps_timestep_path_float(setup, tmp_path):
-    result, _ = quantize("ort", setup, tmp_path, bits=8)
-    details = result.details
-    assert any("time_proj" in n and "Sin" in n for n in details["float_nodes"])
-    assert details["sixteen_bit_overrides"], "the tensor leaving the timestep path must be 16-bit"
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_time_features_are_16_bit_in_an_8_bit_graph(backend, setup, tmp_path):
+    """The graph takes the runtime's sinusoidal features: no float Sin/Cos path is left, and its input quantizer is
+    16-bit while the rest of the graph is 8-bit."""
+    result, sqnr = quantize(backend, setup, tmp_path, bits=8)
+    assert result.details["time_features_bits"] == 16
     model = onnx.load(str(result.file))
-    consumers = [n for n in model.graph.node if "timestep" in n.input]
-    assert consumers and all(n.op_type != "QuantizeLinear" for n in consumers)
+    assert not {"Sin", "Cos"} & {n.op_type for n in model.graph.node}
+    inits = {i.name: i for i in model.graph.initializer}
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "time_features"]
+    assert quantizers, "time_features must be quantized"
+    assert {inits[q.input[2]].data_type for q in quantizers} == {onnx.TensorProto.UINT16}
+    for q in quantizers:  # the fixed range [-1, 1] of sin/cos, not min-max of the calibration timesteps
+        scale = float(numpy_helper.to_array(inits[q.input[1]]))
+        zero = int(numpy_helper.to_array(inits[q.input[2]]))
+        assert -zero * scale == pytest.approx(-1.0, abs=1e-3) and (65535 - zero) * scale == pytest.approx(1.0, abs=1e-3)
+    activation_zero_points = {inits[n.input[2]].data_type for n in model.graph.node
+                              if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[2] in inits}
+    assert onnx.TensorProto.UINT8 in activation_zero_points  # the rest is 8-bit
+    assert sqnr["sqnr_db"] >= 20.0, sqnr
 
 
 def test_aimet_backend_writes_encodings_and_16bit_timestep(setup, tmp_path):
@@ -70,7 +83,6 @@ def test_aimet_backend_writes_encodings_and_16bit_timestep(setup, tmp_path):
     params = encodings["param_encodings"]
     assert params and all(e["bw"] == 8 for e in params)
     assert any(len(e.get("scale", [])) > 1 for e in params), "weights must be per-channel"
-    assert result.details["timestep_bits"] == 16
     assert (result.encodings.parent / f"{GRAPH}.onnx").is_file()  # the graph the encodings refer to
     # weights stored as integers (quantize.fold), not float initializers quantized in the graph
     model = onnx.load(str(result.file))
@@ -156,7 +168,5 @@ def test_ort_backend_layernorm_gamma_places_on_qnn_htp(setup, tmp_path):
     feeds = next(iter(setup[2].subset(1)))
     names = [o.name for o in htp.get_outputs()]
     for name, a, b in zip(names, htp.run(None, feeds), cpu.run(None, feeds)):
-        if name == "temb":  # the float timestep path runs at reduced precision on the HTP (docs/qnn_htp.md)
-            continue
         noise = np.mean((a.astype(np.float64) - b) ** 2)
         assert 10 * np.log10(np.mean(b.astype(np.float64) ** 2) / max(noise, 1e-30)) >= 40.0, name

@@ -76,3 +76,30 @@ def test_fold_file_round_trip(tmp_path):
     assert fold_weight_quantizers_file(path) == 2
     assert path.stat().st_size < size  # int8 weights: smaller file
     assert fold_weight_quantizers_file(path) == 0  # nothing left to fold
+
+
+def test_fold_sees_through_identity_of_a_shared_initializer():
+    """torch's exporter deduplicates equal parameters through Identity nodes (e.g. all-ones LayerNorm gammas);
+    the QuantizeLinear behind such an Identity folds too, so the HTP gets a static gamma."""
+    ones = numpy_helper.from_array(np.ones(4, np.float32), "gamma")
+    nodes = [helper.make_node("Identity", ["gamma"], ["gamma_dup"]),
+             helper.make_node("QuantizeLinear", ["gamma_dup", "s", "z"], ["gamma_q"]),
+             helper.make_node("DequantizeLinear", ["gamma_q", "s", "z"], ["gamma_dq"]),
+             helper.make_node("QuantizeLinear", ["gamma", "s", "z"], ["gamma_q2"]),
+             helper.make_node("DequantizeLinear", ["gamma_q2", "s", "z"], ["gamma_dq2"]),
+             helper.make_node("Mul", ["x", "gamma_dq"], ["m"]),
+             helper.make_node("Mul", ["m", "gamma_dq2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [ones, numpy_helper.from_array(np.array(1 / 255, np.float32), "s"),
+                               numpy_helper.from_array(np.array(0, np.uint8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    before = _run(model, x)
+    assert fold_weight_quantizers(model) == 2
+    assert not [n for n in model.graph.node if n.op_type in ("Identity", "QuantizeLinear")]
+    stored = {t.name: t.data_type for t in model.graph.initializer}
+    assert stored["gamma_dup"] == stored["gamma"] == TensorProto.UINT8  # the names AIMET's encodings use
+    onnx.checker.check_model(model)
+    np.testing.assert_array_equal(_run(model, x)[0], before[0])

@@ -40,6 +40,6 @@ def test_int8_build_of_a_model_whose_graph_drops_an_input(tmp_path):
     bundle = build_bundle(recipe, BuildOptions(model="shapes", out=tmp_path / "b", progress=False,
                                                allow_low_parity=True))
     manifest = read_manifest(bundle)
-    assert [s["name"] for s in manifest["graphs"]["high_res_in"]["inputs"]] == ["sample", "timestep"]
+    assert [s["name"] for s in manifest["graphs"]["high_res_in"]["inputs"]] == ["sample", "time_features"]
     assert manifest["graphs"]["high_res_in"]["precision"] == "w8a16"
     assert 20.0 < manifest["parity"]["graphs"]["high_res_in"]["sqnr_db"] < 200.0

@@ -21,15 +21,18 @@ from cw_export.errors import BundleError, InputError
 from cw_export.runtime.sessions import create_session, session_config
 
 SMALL = {"calibration_prompts": 1, "calibration_samples": 4, "a8_candidates": []}
-# What the snapdragon-int8 (aimet) bundle's graphs do today, per graph: None = a context binary is produced, else a
-# fragment of the one-line error. Measured with onnxruntime-qnn 2.7.0 (QNN 2.51); docs/qnn_htp.md explains both.
-# When an export fix lets a graph place, this test fails: update the record and the docs with the new facts.
+# What the snapdragon-int8 bundle's graphs do today, per quantization backend and graph: None = a context binary is
+# produced, else a fragment of the one-line error. Measured with onnxruntime-qnn 2.7.0 (QNN 2.51); docs/qnn_htp.md
+# explains them. When an export fix lets a graph place, this test fails: update the record and the docs.
 EXPECTED = {
-    "high_res_in": "the HTP rejects LayerNormalization",
-    "low_res": "the HTP rejects LayerNormalization",
-    "high_res_out": "the HTP rejects LayerNormalization",
-    "text_encoder": "the HTP rejects LayerNormalization",
-    "vae_decoder": "not placed on the HTP: DequantizeLinear",  # GroupNorm biases' DequantizeLinear stay on the CPU
+    "ort": {"high_res_in": None, "low_res": None, "high_res_out": None, "text_encoder": None, "vae_decoder": None},
+    # aimet leaves functional ops (the resnets' shared SiLU, the Transpose before proj_out) float: the weight
+    # DequantizeLinear of the layer after them has no QDQ node unit and stays on the CPU
+    "aimet": {"high_res_in": "not placed on the HTP: DequantizeLinear",
+              "low_res": "not placed on the HTP: DequantizeLinear",
+              "high_res_out": "not placed on the HTP: DequantizeLinear",
+              "text_encoder": "not placed on the HTP: DequantizeLinear",
+              "vae_decoder": "not placed on the HTP: DequantizeLinear"},
 }
 
 
@@ -177,14 +180,14 @@ def test_a_context_that_does_not_load_is_one_line(tmp_path):
 
 
 # -- the real bundle -----------------------------------------------------------------------------------------------
-def _build(out: Path, cache: Path, socs: tuple[str, ...] = (), overwrite: bool = False) -> Path:
+def _build(out: Path, cache: Path, socs: tuple[str, ...] = (), overwrite: bool = False, backend: str = "ort") -> Path:
     import torch
 
     from cw_export.build import BuildOptions, build_bundle
     from cw_export.recipe import load_recipe
 
-    recipe = (load_recipe("snapdragon-int8").with_build(steps=2, clock=2).with_quantization(**SMALL)
-              .with_parity(heldout_prompts=1))
+    recipe = (load_recipe("snapdragon-int8").with_build(steps=2, clock=2)
+              .with_quantization(backend=backend, **SMALL).with_parity(heldout_prompts=1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -196,15 +199,22 @@ def _build(out: Path, cache: Path, socs: tuple[str, ...] = (), overwrite: bool =
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ctx-bundle")
-    return _build(root / "bundle", root / "cache")
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def int8_bundle(request, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp(f"ctx-bundle-{request.param}")
+    bundle = _build(root / "bundle", root / "cache", backend=request.param)
+    assert json.loads((bundle / "manifest.json").read_text())["recipe"]["quantization"]["backend"] == request.param
+    return bundle
+
+
+def _backend(bundle: Path) -> str:
+    return json.loads((bundle / "manifest.json").read_text())["recipe"]["quantization"]["backend"]
 
 
 def test_bundle_graphs_record(int8_bundle, tmp_path):
-    """Which of the built-in INT8 bundle's quantized graphs compile to a context binary (EXPECTED); those that do
-    load back and run once."""
+    """Which of the INT8 bundle's quantized graphs compile to a context binary (EXPECTED, per backend); those that
+    do load back and run once."""
+    expected = EXPECTED[_backend(int8_bundle)]
     manifest = json.loads((int8_bundle / "manifest.json").read_text())
     quantized = sorted(n for n, g in manifest["graphs"].items() if g["precision"] != "fp32")
     outcome = {}
@@ -222,8 +232,8 @@ def test_bundle_graphs_record(int8_bundle, tmp_path):
         assert [o.shape for o in session.run(None, feeds)] == [tuple(s["shape"]) for s in
                                                                 manifest["graphs"][name]["outputs"]]
     print(json.dumps(outcome, indent=1))  # the record, for the docs (pytest -s)
-    assert set(outcome) == set(EXPECTED)
-    for name, fragment in EXPECTED.items():
+    assert set(outcome) == set(expected)
+    for name, fragment in expected.items():
         if fragment is None:
             assert outcome[name] is None, outcome[name]
         else:
@@ -232,20 +242,37 @@ def test_bundle_graphs_record(int8_bundle, tmp_path):
             assert "\n" not in outcome[name]
 
 
-def test_build_with_soc_fails_whole_with_one_line(int8_bundle, tmp_path):
-    """--soc on the built-in model: the first graph that does not place fails the build; nothing is written, and an
-    existing bundle at --out stays as it was."""
-    if all(v is None for v in EXPECTED.values()):
-        pytest.skip("every graph places: the build succeeds (covered by test_bundle_graphs_record)")
+def test_build_with_soc(int8_bundle, tmp_path):
+    """--soc on the built-in model. ort: every graph compiles; the bundle lists each context model and binary with
+    its sha256, validate checks them, and each loads and runs on the HTP. aimet: the first graph that does not
+    place fails the build in one line; nothing is written, and an existing bundle at --out stays as it was."""
+    from cw_export.runtime.manifest import read_manifest, verify_bundle
+
+    backend = _backend(int8_bundle)
+    expected = EXPECTED[backend]
     out = tmp_path / "bundle"
     shutil.copytree(int8_bundle, out)
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-    with pytest.raises(BundleError) as info:  # the fixture's calibration cache: only the quantization is redone
-        _build(out, int8_bundle.parent / "cache", socs=("SM8650",), overwrite=True)
+    cache = int8_bundle.parent / "cache"  # the fixture's calibration cache: only the quantization is redone
+    if all(v is None for v in expected.values()):
+        _build(out, cache, socs=("SM8650",), overwrite=True, backend=backend)
+        manifest = read_manifest(out)
+        assert verify_bundle(out, manifest) == []
+        entries = manifest["context_binaries"]["SM8650"]
+        assert set(entries) == set(expected)
+        for name, entry in entries.items():
+            assert entry["model"] in manifest["files"] and entry["binary"] in manifest["files"]
+            session = load_context(out / entry["model"])
+            feeds = {s["name"]: np.zeros(s["shape"], dtype=s["dtype"]) for s in manifest["graphs"][name]["inputs"]}
+            assert len(session.run(None, feeds)) == len(manifest["graphs"][name]["outputs"])
+        assert main(["validate", str(out)]) == 0
+        return
+    with pytest.raises(BundleError) as info:
+        _build(out, cache, socs=("SM8650",), overwrite=True, backend=backend)
     message = str(info.value)
     assert "\n" not in message
-    first = sorted(EXPECTED)[0]  # graphs are compiled in name order
-    assert re.match(rf"^graph {first}: no QNN context binary for SM8650: .*{EXPECTED[first]}", message), message
+    first = sorted(expected)[0]  # graphs are compiled in name order
+    assert re.match(rf"^graph {first}: no QNN context binary for SM8650: .*{expected[first]}", message), message
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
     assert not (out / CONTEXT_DIR).exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "bundle"]  # no temporary folder left behind
