@@ -53,7 +53,7 @@ def test_default_target_is_snapdragon_int8():
 
     assert DEFAULT_TARGET == "snapdragon-int8"
     recipe = load_recipe(DEFAULT_TARGET)
-    assert recipe.quantized and recipe.quantization.backend == "aimet"
+    assert recipe.quantized and recipe.quantization.backend == "ort"  # its graphs run on the QNN HTP (docs/qnn_htp.md)
     assert recipe.parity.final_latent_min_psnr_db > 0 and recipe.parity.graph_min_sqnr_db > 0
 
 

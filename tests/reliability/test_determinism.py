@@ -17,28 +17,38 @@ from reliability_helpers import assert_user_error
 
 from cw_export.runtime.manifest import list_files, manifest_bytes
 
-QUANTIZED_TARGETS = ["snapdragon-int8"]
+TARGET = "snapdragon-int8"
+BACKENDS = ["ort", "aimet"]  # ort: the recipe's default; aimet: also writes encodings
 SMALL = {"calibration_prompts": 1, "calibration_samples": 4}
+_BUILT: dict[str, tuple[Path, Path]] = {}
 
 
-def _build(target: str, out: Path) -> Path:
+def _build(backend: str, out: Path) -> Path:
     from cw_export.build import BuildOptions, build_bundle
     from cw_export.recipe import load_recipe
 
-    recipe = load_recipe(target).with_build(steps=2, clock=2).with_quantization(**SMALL).with_parity(heldout_prompts=1)
+    recipe = (load_recipe(TARGET).with_build(steps=2, clock=2).with_quantization(backend=backend, **SMALL)
+              .with_parity(heldout_prompts=1))
     return build_bundle(recipe, BuildOptions(model="tiny-random", out=out, progress=False, allow_low_parity=True))
 
 
-@pytest.fixture(scope="module", params=QUANTIZED_TARGETS)
-def twice(request, tmp_path_factory):
-    from cw_export.recipe import available_targets
+def _twice(backend: str, tmp_path_factory) -> tuple[Path, Path]:
+    if backend not in _BUILT:
+        root = tmp_path_factory.mktemp(f"{TARGET}-{backend}")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("CW_EXPORT_CACHE", str(root / "cache"))  # never the user's ~/.cache
+            _BUILT[backend] = _build(backend, root / "first"), _build(backend, root / "second")
+    return _BUILT[backend]
 
-    if request.param not in available_targets():
-        pytest.skip(f"recipe {request.param} not present")
-    root = tmp_path_factory.mktemp(request.param)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CW_EXPORT_CACHE", str(root / "cache"))  # never the user's ~/.cache
-        return _build(request.param, root / "first"), _build(request.param, root / "second")
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def twice(request, tmp_path_factory):
+    return _twice(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def aimet_twice(tmp_path_factory):
+    return _twice("aimet", tmp_path_factory)
 
 
 def _files(bundle: Path) -> dict[str, bytes]:
@@ -54,7 +64,9 @@ def _without_run_state(manifest: bytes) -> dict:
 def test_graphs_and_every_other_file_are_byte_identical(twice):
     first, second = map(_files, twice)
     assert sorted(first) == sorted(second)
-    assert any(name.startswith("graphs/") for name in first) and any(name.startswith("encodings/") for name in first)
+    backend = json.loads(first["manifest.json"])["recipe"]["quantization"]["backend"]
+    assert any(name.startswith("graphs/") for name in first)
+    assert any(name.startswith("encodings/") for name in first) == (backend == "aimet")
     differing = [name for name in first if name != "manifest.json" and first[name] != second[name]]
     assert differing == []
     assert _without_run_state(first["manifest.json"]) == _without_run_state(second["manifest.json"])
@@ -77,8 +89,8 @@ def _rehash(bundle: Path) -> None:
     ("other_graphs_encodings", "encodings graph I/O"),
     ("bit_width", "activation bit width(s) [4]"),
 ])
-def test_encodings_that_do_not_match_the_graph_fail_validate(cw, twice, tmp_path, damage, fragment):
-    bundle = Path(shutil.copytree(twice[0], tmp_path / "bundle"))
+def test_encodings_that_do_not_match_the_graph_fail_validate(cw, aimet_twice, tmp_path, damage, fragment):
+    bundle = Path(shutil.copytree(aimet_twice[0], tmp_path / "bundle"))
     manifest = json.loads((bundle / "manifest.json").read_text())
     quantized = sorted(n for n, g in manifest["graphs"].items() if (g.get("quantization") or {}).get("encodings"))
     assert len(quantized) >= 2, "the target writes encodings for its quantized graphs"

@@ -119,10 +119,10 @@ def test_run_refuses_an_edited_manifest(cw, bundle_copy, tmp_path):
 @pytest.mark.parametrize("command", ["validate", "run"])
 def test_unknown_schema_version(cw, bundle_copy, tmp_path, command):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["schema_version"] = 2
+    manifest["schema_version"] = 1  # a bundle from before time_features (high_res_in took the raw timestep)
     (bundle_copy / "manifest.json").write_bytes(manifest_bytes(manifest))
     args = ["--prompt", "x", "--seed", "1", "--latents-out", tmp_path / "o.npy"] if command == "run" else []
-    assert_user_error(cw(command, bundle_copy, *args), "manifest schema_version 2 is not supported (expected 1)")
+    assert_user_error(cw(command, bundle_copy, *args), "manifest schema_version 1 is not supported (expected 2)")
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
