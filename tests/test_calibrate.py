@@ -60,7 +60,8 @@ def test_each_graph_sees_inputs_only_at_its_steps(tiny_model, fp32_bundle):
 
 def test_captured_inputs_are_the_trajectory_values(tiny_model, fp32_bundle):
     """low_res's r_in at (prompt, step) is exactly high_res_in's output on the high_res_in sample of that step;
-    the second step's timestep is the sampler table's second timestep (so the capture follows the real loop)."""
+    the second step's time features are those of the sampler table's second timestep (so the capture follows the
+    real loop)."""
     from cw_export.quantize.stages import torch_graphs
 
     manifest = read_manifest(fp32_bundle)
@@ -74,8 +75,12 @@ def test_captured_inputs_are_the_trajectory_values(tiny_model, fp32_bundle):
         lr = CalibrationData.load(path)
         np.testing.assert_allclose(lr["r_in"], r_in, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(lr["temb"], temb, rtol=1e-5, atol=1e-6)
+    from cw_export.runtime.time_features import sinusoidal_time_features
+
     step1 = [CalibrationData.load(f) for f, s in zip(hri.files, hri.steps) if s == 1][0]
-    assert float(step1["timestep"][0]) == pytest.approx(manifest["sampler"]["step_table"]["timesteps"][1])
+    t1 = manifest["sampler"]["step_table"]["timesteps"][1]
+    expected = sinusoidal_time_features(np.full(2, t1), manifest["time_features"])
+    np.testing.assert_array_equal(step1["time_features"], expected)
 
 
 def test_cap_is_stratified_over_steps(tiny_model, fp32_bundle):
