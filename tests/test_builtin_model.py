@@ -73,3 +73,17 @@ def test_declared_guidance_of_a_model_folder(tmp_path):
         (tmp_path / MODEL_DEFAULTS_NAME).write_text(bad)
         with pytest.raises(ModelError, match=MODEL_DEFAULTS_NAME):
             declared_guidance(str(tmp_path))
+
+
+def test_bad_declared_guidance_is_one_line_exit_2_and_nothing_written(tmp_path):
+    folder = tmp_path / "model"
+    made = subprocess.run([sys.executable, "-m", "cw_export.cli", "model", "--model", "tiny-random", "--out",
+                           str(folder)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    (folder / MODEL_DEFAULTS_NAME).write_text('{"guidance_scale": "strong"}')
+    out = tmp_path / "bundle"
+    result = subprocess.run([sys.executable, "-m", "cw_export.cli", "--model", str(folder), "--target", "cpu-fp32",
+                             "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "guidance_scale must be a finite number" in result.stderr
+    assert not out.exists()
