@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.bundle:
         name, _, path = item.partition("=")
         results[name] = measure_bundle(Path(path))
-    results = {"machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform()},
+    results = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
                "command": "python bench/htp_parity.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "bundles": results}
     if args.json:

@@ -301,7 +301,10 @@ def averaged_snapshots(workdir: Path, last: int) -> tuple[dict, dict, list[int]]
     if len(paths) < last:
         raise SystemExit(f"error: {len(paths)} snapshot(s) in {workdir / 'snapshots'}, --average-last {last} needs {last}")
     states = [torch.load(p, weights_only=False) for p in paths]
-    mean = lambda key: {k: sum(s[key][k].float() for s in states) / len(states) for k in states[0][key]}
+
+    def mean(key: str) -> dict:
+        return {k: sum(s[key][k].float() for s in states) / len(states) for k in states[0][key]}
+
     return mean("ema"), mean("ema_text_encoder"), [s["step"] for s in states]
 
 
