@@ -160,17 +160,16 @@ class _Graph:
     def __init__(self, path: Path) -> None:
         import onnx
 
+        from .onnx_index import consumers, producers
+
         self.path = path
         self.model = onnx.load(str(path), load_external_data=False)
         graph = self.model.graph
         self.inits = {i.name: i for i in graph.initializer}
         self.inputs = [i.name for i in graph.input if i.name not in self.inits]
         self.outputs = [o.name for o in graph.output]
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.producer = producers(graph)
+        self.consumers = consumers(graph)
 
     def value(self, name: str):
         from onnx import numpy_helper

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..onnx_index import consumers
+
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
@@ -61,10 +63,7 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     graph = model.graph
     materialize_initializer_identities(graph)
     inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = consumers(graph)
     outputs = {o.name for o in graph.output}
     folded, kept_nodes, dropped, renamed = 0, [], set(), {}
     for node in graph.node:
@@ -81,7 +80,7 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
             continue
         values = quantize_constant(numpy_helper.to_array(weight), numpy_helper.to_array(inits[node.input[1]]),
                                    zero, _attr(node, "axis", 1))
-        if readers[weight.name] == 1:  # only this QuantizeLinear reads the float weight: the integer one replaces it
+        if len(readers[weight.name]) == 1:  # only this QuantizeLinear reads the float weight: the integer one replaces it
             dropped.add(weight.name)
             stored_name = weight.name
         else:

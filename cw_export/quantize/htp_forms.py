@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..onnx_index import consumers, producers
+
 
 def per_tensor_layernorm_betas(model: onnx.ModelProto, base_dir: str = "") -> int:
     """Requantize every per-channel INT32 LayerNormalization beta to one scale (in place); returns how many.
@@ -19,11 +21,8 @@ def per_tensor_layernorm_betas(model: onnx.ModelProto, base_dir: str = "") -> in
     max_scale / 2, about 2^-31 of the range the 16-bit activations around it resolve."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer = {out: n for n in graph.node for out in n.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    producer = producers(graph)
+    readers = consumers(graph)
     changed = 0
     for node in graph.node:
         if node.op_type != "LayerNormalization" or len(node.input) < 3 or node.input[2] not in producer:
@@ -34,7 +33,7 @@ def per_tensor_layernorm_betas(model: onnx.ModelProto, base_dir: str = "") -> in
         q, scale, zero = (numpy_helper.to_array(inits[name], base_dir) for name in dq.input[:3])
         if q.dtype != np.int32 or scale.size == 1 or np.any(zero != 0):
             continue
-        if any(readers.get(name, 0) > 1 for name in dq.input[:3]):
+        if any(len(readers.get(name, [])) > 1 for name in dq.input[:3]):
             continue  # shared with another node: leave it
         new_scale = np.float32(scale.max())
         values = np.rint(q.astype(np.float64) * scale.astype(np.float64) / np.float64(new_scale))
@@ -68,11 +67,8 @@ def reshape_quantized_silus(model: onnx.ModelProto) -> int:
     SiLU it gives 80-85 dB in every case measured. The views are quantized with the parameters of the tensors they
     view, so the graph's values are unchanged (bit-identical on the CPU EP; tests/quantize/test_htp_forms.py)."""
     graph = model.graph
-    producer = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer = producers(graph)
+    readers = consumers(graph)
     shapes = _shapes(model)
 
     def chain(name: str, *ops: str):
@@ -99,7 +95,7 @@ def reshape_quantized_silus(model: onnx.ModelProto) -> int:
         else:
             continue
         source = chain(x, "DequantizeLinear", "QuantizeLinear")
-        outs = consumers.get(mul.output[0], [])
+        outs = readers.get(mul.output[0], [])
         shape = shapes.get(x)
         if source is None or shape is None or len(shape) != 4 or len(outs) != 1 or outs[0].op_type != "QuantizeLinear":
             continue

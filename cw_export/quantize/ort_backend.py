@@ -60,15 +60,14 @@ def masked_softmax_path(model, base_dir: str = "") -> list[str]:
     nonfinite = {name for name, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all()}
     if not nonfinite:
         return []
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    from ..onnx_index import consumers
+
+    readers = consumers(model.graph)
     found = [n.name for n in model.graph.node if n.op_type == "Constant" and n.output[0] in nonfinite]
     for node in model.graph.node:
         if node.op_type != "Constant" and any(i in nonfinite for i in node.input):
             found.append(node.name)
-            found += [c.name for out in node.output for c in consumers.get(out, []) if c.op_type == "Softmax"]
+            found += [c.name for out in node.output for c in readers.get(out, []) if c.op_type == "Softmax"]
     return found
 
 
