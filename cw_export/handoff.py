@@ -446,19 +446,24 @@ def write_handoff(bundle: Path, manifest: dict) -> None:
     (Path(bundle) / HANDOFF_NAME).write_text(render_handoff(bundle, manifest), encoding="utf-8", newline="\n")
 
 
-def refresh_handoff(bundle: str | Path) -> bool:
-    """Regenerate a bundle's README.md in place and its manifest entry; returns whether it changed."""
+def refresh_handoff(bundle: str | Path, manifest: dict | None = None) -> bool:
+    """Regenerate a bundle's README.md in place and its manifest entry; returns whether the README changed.
+
+    ``manifest``: an updated manifest (e.g. new parity records) to render from and write, so manifest.json is
+    written once, with the README's new hash in it."""
     from .atomic import write_file_atomic
     from .runtime.manifest import MANIFEST_NAME, manifest_bytes, read_manifest, sha256_file
 
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
+    updated = manifest is not None
+    manifest = manifest if updated else read_manifest(bundle)
     data = render_handoff(bundle, manifest).encode("utf-8")
     path = bundle / HANDOFF_NAME
     changed = not (path.is_file() and path.read_bytes() == data)
     if changed:
         write_file_atomic(path, data)
         manifest["files"][HANDOFF_NAME] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    if changed or updated:
         write_file_atomic(bundle / MANIFEST_NAME, manifest_bytes(manifest))
     print(f"hand-off {'written' if changed else 'unchanged'}: {path}")
     return changed

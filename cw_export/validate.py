@@ -557,9 +557,7 @@ def record_provider_parity(bundle: Path, provider: str, numbers: dict, found: li
     ``parity``) and regenerate the hand-off README that shows both; the manifest's file hashes stay consistent."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .atomic import write_file_atomic
     from .handoff import refresh_handoff
-    from .runtime.manifest import MANIFEST_NAME, manifest_bytes
 
     try:
         qnn_version = version("onnxruntime-qnn")
@@ -574,8 +572,7 @@ def record_provider_parity(bundle: Path, provider: str, numbers: dict, found: li
                    "guidance_ratio": s["guidance_ratio"]} for s in numbers["steps"]],
         "gate": {"passed": not found, "failures": found}, "onnxruntime_qnn": qnn_version,
     }
-    write_file_atomic(bundle / MANIFEST_NAME, manifest_bytes(manifest))
-    refresh_handoff(bundle)
+    refresh_handoff(bundle, manifest)
 
 
 def measure_on_provider(bundle: Path, manifest: dict, model, provider: str = "cpu") -> dict | str:
