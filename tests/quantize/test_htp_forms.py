@@ -9,13 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qdq_graphs import sqnr_db
+
 from cw_export.quantize.htp_forms import apply_htp_forms_file, per_tensor_layernorm_betas, reshape_quantized_silus
 from cw_export.runtime.sessions import create_session, session_config
-
-
-def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    noise = np.sum((actual.astype(np.float64) - reference) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
 
 
 class _Builder:
@@ -104,12 +101,12 @@ def test_silu_gets_a_view_and_matches_on_the_htp(tmp_path, producer, shape, conv
     x_shape = [n, c, h * w] if producer == "reshape" else shape
     feeds = {"x": np.random.default_rng(1).standard_normal(x_shape).astype(np.float32) * 1.5}
     before, htp_before = _runs(path, feeds)
-    assert _sqnr_db(before, htp_before) < 20.0  # the defect the view works around (if this fails, QNN fixed it)
+    assert sqnr_db(before, htp_before) < 20.0  # the defect the view works around (if this fails, QNN fixed it)
     assert apply_htp_forms_file(path) == {"per_tensor_layernorm_betas": 0, "reshaped_silu_inputs": 1}
     onnx.checker.check_model(onnx.load(str(path)))
     after, htp = _runs(path, feeds)
     assert np.array_equal(before, after)
-    assert _sqnr_db(after, htp) >= 60.0  # measured 79-85 dB
+    assert sqnr_db(after, htp) >= 60.0  # measured 79-85 dB
 
 
 def test_silu_of_a_3d_tensor_is_left_alone(tmp_path):
@@ -162,5 +159,5 @@ def test_per_channel_layernorm_beta_becomes_per_tensor_and_places_on_the_htp(tmp
     onnx.save(model, str(path))
     assert numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "beta_s")).size == 1
     after, htp = _runs(path, feeds)
-    assert _sqnr_db(before, after) >= 80.0  # INT32 requantization of the beta: within rounding
-    assert _sqnr_db(after, htp) >= 40.0
+    assert sqnr_db(before, after) >= 80.0  # INT32 requantization of the beta: within rounding
+    assert sqnr_db(after, htp) >= 40.0

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from qdq_graphs import quantized_conv, save_graph, sqnr_db
 
 from cw_export.cli import main
 from cw_export.context_binaries import (CONTEXT_DIR, generate_context, load_context, load_socs, parse_socs)
@@ -36,50 +38,11 @@ EXPECTED = {
 }
 
 
-def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    noise = np.sum((actual.astype(np.float64) - reference) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
-
-
-def _save(nodes, inputs, outputs, initializers, path: Path) -> Path:
-    model = helper.make_model(helper.make_graph(nodes, path.stem, inputs, outputs, initializers),
-                              opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def qdq_conv(tmp_path_factory):
     """A Conv+Relu quantized with onnxruntime's QNN config (INT8 per-channel weights, UINT8 activations): it places
     on the HTP (tests/runtime/test_qnn_htp.py)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
-
-    folder = tmp_path_factory.mktemp("conv")
-    rng = np.random.default_rng(0)
-    fp32 = _save([helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
-                  helper.make_node("Relu", ["c"], ["y"])],
-                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
-                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
-                 [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.2, "W"),
-                  numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "B")],
-                 folder / "conv_fp32.onnx")
-    data = [rng.standard_normal((1, 4, 16, 16)).astype(np.float32) for _ in range(4)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(data)
-
-        def get_next(self):
-            item = next(self.items, None)
-            return None if item is None else {"x": item}
-
-    config = get_qnn_qdq_config(str(fp32), Reader(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                per_channel=True, weight_symmetric=True)
-    config.extra_options["UseQDQContribOps"] = False
-    qdq = folder / "high_res_out.onnx"
-    quantize(str(fp32), str(qdq), config)
+    _, qdq, data = quantized_conv(tmp_path_factory.mktemp("ctx"), "high_res_out.onnx")
     return qdq, data
 
 
@@ -123,11 +86,11 @@ def test_qdq_graph_compiles_for_every_known_soc_and_loads_back(soc, qdq_conv, tm
     assert session.get_providers()[0] == "QNNExecutionProvider"
     (actual,) = session.run(["y"], {"x": data[0]})
     (expected,) = create_session(qdq, config=session_config("basic")).run(["y"], {"x": data[0]})
-    assert _sqnr_db(expected, actual) >= 40.0  # 46-48 dB measured vs the CPU EP on the same QDQ graph
+    assert sqnr_db(expected, actual) >= 40.0  # 46-48 dB measured vs the CPU EP on the same QDQ graph
 
 
 def test_unplaceable_graph_is_one_line_naming_graph_and_ops_and_writes_nothing(tmp_path):
-    path = _save([helper.make_node("Det", ["x"], ["d"]), helper.make_node("Relu", ["d"], ["y"])],
+    path = save_graph([helper.make_node("Det", ["x"], ["d"]), helper.make_node("Relu", ["d"], ["y"])],
                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3])],
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [], tmp_path / "low_res.onnx")
     out = tmp_path / "ctx" / "low_res_ctx.onnx"

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from qdq_graphs import quantized_conv, save_graph, sqnr_db
 
 from cw_export.cli import main
 from cw_export.errors import BundleError, InputError
@@ -22,53 +22,10 @@ MIN_SQNR_VS_CPU_DB = 40.0
 MIN_SQNR_VS_FP32_DB = 35.0
 
 
-def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    reference = reference.astype(np.float64)
-    noise = np.sum((actual.astype(np.float64) - reference) ** 2)
-    return float(10 * np.log10(np.sum(reference**2) / max(noise, 1e-30)))
-
-
-def _save(nodes, inputs, outputs, initializers, path: Path) -> Path:
-    graph = helper.make_graph(nodes, path.stem, inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def conv_models(tmp_path_factory):
-    """(FP32 conv + relu, its static QDQ with onnxruntime's QNN config: INT8 per-channel weights, UINT8 activations,
-    calibration inputs)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
-
-    folder = tmp_path_factory.mktemp("qnn")
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.2, "W")
-    bias = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "B")
-    fp32 = _save([helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
-                  helper.make_node("Relu", ["c"], ["y"])],
-                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
-                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], [weight, bias],
-                 folder / "conv_fp32.onnx")
-    data = [rng.standard_normal((1, 4, 16, 16)).astype(np.float32) for _ in range(4)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(data)
-
-        def get_next(self):
-            item = next(self.items, None)
-            return None if item is None else {"x": item}
-
-    config = get_qnn_qdq_config(str(fp32), Reader(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                per_channel=True, weight_symmetric=True)
-    config.extra_options["UseQDQContribOps"] = False
-    qdq = folder / "conv_qdq.onnx"
-    quantize(str(fp32), str(qdq), config)
-    return fp32, qdq, data
+    """(FP32 conv + relu, its static QDQ with onnxruntime's QNN config, calibration inputs)."""
+    return quantized_conv(tmp_path_factory.mktemp("qnn"), "conv_qdq.onnx")
 
 
 def test_provider_registers_once_and_lists_qnn_devices():
@@ -88,9 +45,9 @@ def test_qdq_conv_runs_entirely_on_htp_and_matches_cpu(conv_models):
     ref = create_session(fp32)
     for x in data[:2]:
         (actual,), (quantized,), (expected,) = (s.run(["y"], {"x": x}) for s in (htp, cpu, ref))
-        assert _sqnr_db(quantized, actual) >= MIN_SQNR_VS_CPU_DB
-        assert _sqnr_db(expected, actual) >= MIN_SQNR_VS_FP32_DB
-        assert _sqnr_db(quantized, actual) < 200.0  # really ran on another backend: not bit-exact with the CPU EP
+        assert sqnr_db(quantized, actual) >= MIN_SQNR_VS_CPU_DB
+        assert sqnr_db(expected, actual) >= MIN_SQNR_VS_FP32_DB
+        assert sqnr_db(quantized, actual) < 200.0  # really ran on another backend: not bit-exact with the CPU EP
 
 
 def test_fp32_graph_stays_on_cpu(conv_models):
@@ -100,7 +57,7 @@ def test_fp32_graph_stays_on_cpu(conv_models):
 
 
 def test_graph_that_cannot_be_placed_is_one_line_naming_graph_and_ops(tmp_path):
-    path = _save([helper.make_node("Det", ["x"], ["d"]), helper.make_node("Relu", ["d"], ["y"])],
+    path = save_graph([helper.make_node("Det", ["x"], ["d"]), helper.make_node("Relu", ["d"], ["y"])],
                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3])],
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [], tmp_path / "low_res.onnx")
     with pytest.raises(BundleError) as info:
