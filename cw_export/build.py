@@ -350,13 +350,25 @@ def _state_hash(state: dict) -> str:
 
 
 def check_adaptor_checkpoint(recipe: Recipe, path: Path) -> None:
-    """--adaptor-checkpoint goes with --adaptor learned and must be distilled for this sampler, steps and clock."""
+    """--adaptor-checkpoint goes with --adaptor learned and must be distilled for this sampler, steps and clock.
+
+    Another guidance scale is allowed (the user chose this checkpoint) but said on stderr: the adaptor learned the
+    low-res features of trajectories guided that way, and its error grows away from it. The model's shipped
+    adaptor is instead only used at its own guidance (``shipped_checkpoint``)."""
+    import sys
+
     from .distill.checkpoint import check_schedule, read_checkpoint
 
     b = recipe.build
     if b.adaptor != "learned":
         raise InputError(f"--adaptor-checkpoint needs --adaptor learned (this build's adaptor is '{b.adaptor}')")
-    check_schedule(read_checkpoint(path), b.sampler, b.steps, b.clock)
+    checkpoint = read_checkpoint(path)
+    check_schedule(checkpoint, b.sampler, b.steps, b.clock)
+    distilled_at = checkpoint.training.get("guidance_scale")
+    if distilled_at is not None and distilled_at != b.guidance_scale:
+        print(f"cw-export: warning: adaptor checkpoint {path} was distilled at guidance {distilled_at:g}, this build "
+              f"uses {b.guidance_scale:g} (cw-export distill --guidance {b.guidance_scale:g} makes a matching one)",
+              file=sys.stderr)
 
 
 def shipped_checkpoint(model: SDModel, recipe: Recipe):

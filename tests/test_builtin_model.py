@@ -87,3 +87,18 @@ def test_bad_declared_guidance_is_one_line_exit_2_and_nothing_written(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "guidance_scale must be a finite number" in result.stderr
     assert not out.exists()
+
+
+def test_an_explicit_checkpoint_at_another_guidance_is_used_with_a_warning(capsys):
+    """--adaptor-checkpoint is the user's choice: another guidance is said on stderr, not refused."""
+    from cw_export.build import check_adaptor_checkpoint
+    from cw_export.distill.checkpoint import read_checkpoint
+    from cw_export.recipe import load_recipe
+
+    distilled_at = read_checkpoint(SHAPES_ADAPTOR).training["guidance_scale"]
+    recipe = load_recipe("cpu-fp32").with_build(adaptor="learned")
+    check_adaptor_checkpoint(recipe.with_build(guidance_scale=distilled_at), SHAPES_ADAPTOR)
+    assert capsys.readouterr().err == ""
+    check_adaptor_checkpoint(recipe.with_build(guidance_scale=distilled_at + 3.5), SHAPES_ADAPTOR)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and f"guidance {distilled_at:g}" in err
