@@ -80,7 +80,7 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
             continue
         values = quantize_constant(numpy_helper.to_array(weight), numpy_helper.to_array(inits[node.input[1]]),
                                    zero, _attr(node, "axis", 1))
-        if len(readers[weight.name]) == 1:  # only this QuantizeLinear reads the float weight: the integer one replaces it
+        if len(readers[weight.name]) == 1:  # only this Q reads the float weight: the integer one replaces it
             dropped.add(weight.name)
             stored_name = weight.name
         else:
