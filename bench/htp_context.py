@@ -36,14 +36,9 @@ def random_feeds(inputs: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    reference = reference.astype(np.float64)
-    noise = np.mean((actual.astype(np.float64) - reference) ** 2)
-    return round(float(10 * np.log10(np.mean(reference**2) / max(noise, 1e-30))), 1)
-
-
 def measure(bundle: Path, soc_name: str) -> dict:
     from cw_export.context_binaries import generate_context, load_context, load_socs
+    from cw_export.parity import sqnr_db
     from cw_export.runtime.manifest import read_manifest
     from cw_export.runtime.sessions import create_session, manifest_session_config
 
@@ -68,7 +63,7 @@ def measure(bundle: Path, soc_name: str) -> dict:
             on_cpu = create_session(bundle / spec["file"], config=config).run(None, feeds)
             rows[name] = {"compile_s": round(compile_s, 1), "load_s": round(load_s, 1), "run_s": round(run_s, 1),
                           "binary_mb": round(binary.stat().st_size / 1e6, 1),
-                          "sqnr_vs_cpu_ep_db": {o["name"]: sqnr_db(c, h)
+                          "sqnr_vs_cpu_ep_db": {o["name"]: round(sqnr_db(c, h), 1)
                                                 for o, c, h in zip(spec["outputs"], on_cpu, on_htp)}}
             print(name, rows[name], flush=True)
     return {"soc": soc_name, "soc_model": soc.soc_model, "htp_arch": soc.htp_arch, "graphs": rows}

@@ -43,6 +43,12 @@ def _db(signal: float, noise: float) -> float:
     return round(10.0 * math.log10(max(signal, 1e-30) / noise), DB_DIGITS)
 
 
+def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    """SQNR of ``actual`` against ``reference`` in dB, in float64 (999.0 when they are equal)."""
+    reference = reference.astype(np.float64)
+    return _db(float(np.sum(reference**2)), float(np.sum((actual.astype(np.float64) - reference) ** 2)))
+
+
 class _Pooled:
     """Signal and noise power pooled over samples, per output."""
 

@@ -1,4 +1,4 @@
-"""Small ONNX graphs the QNN HTP tests share: a saver, the SQNR they report, and a QDQ conv that places on the HTP."""
+"""Small ONNX graphs the QNN HTP tests share: a saver and a QDQ conv that places on the HTP."""
 
 from __future__ import annotations
 
@@ -7,12 +7,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
-
-def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    reference = reference.astype(np.float64)
-    noise = np.sum((actual.astype(np.float64) - reference) ** 2)
-    return float(10 * np.log10(np.sum(reference**2) / max(noise, 1e-30)))
 
 
 def save_graph(nodes, inputs, outputs, initializers, path: Path, check: bool = True) -> Path:

@@ -15,11 +15,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from qdq_graphs import quantized_conv, save_graph, sqnr_db
+from qdq_graphs import quantized_conv, save_graph
 
 from cw_export.cli import main
 from cw_export.context_binaries import (CONTEXT_DIR, generate_context, load_context, load_socs, parse_socs)
 from cw_export.errors import BundleError, InputError
+from cw_export.parity import sqnr_db
 from cw_export.runtime.sessions import create_session, session_config
 
 SMALL = {"calibration_prompts": 1, "calibration_samples": 4, "a8_candidates": []}
