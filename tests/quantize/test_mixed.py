@@ -19,6 +19,7 @@ from cw_export.runtime.manifest import read_manifest
 from cw_export.runtime.sessions import create_session, session_config
 
 GRAPH = "low_res"
+GATE_GUIDANCE_TOLERANCE = 0.25  # test_build_records_and_ships_the_mixed_graph
 CONFIG = session_config("basic")
 
 
@@ -137,6 +138,12 @@ def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
     # 2 calibration prompts (the test budget) give cruder ranges than the recipe's 16: a lower guidance floor keeps
     # the mixed path reachable (with the recipe's budget and floors the sweep keeps 2-4 blocks, docs/quantization.md)
     recipe = recipe.with_quantization(a8_min_guidance_sqnr_db=10.0)
+    # ... and the bundle's gate must then leave room for what that floor lets through: with its 5% guidance
+    # tolerance the mixed graph sat on the gate's edge (step 1 guidance ratio measured 1.076 here and on a CI
+    # machine: it passed on one CPU's kernels and fell back to w8a16 on another's). At 25% the measured 7.6% is
+    # three times inside it, so which path this test takes no longer depends on the machine; the fallback path
+    # itself is tested in test_gate.py::test_a8_choice_that_fails_the_gate_falls_back_to_a16.
+    recipe = recipe.with_parity(guidance_ratio_tolerance=GATE_GUIDANCE_TOLERANCE)
     bundle = quant.build(recipe, tmp_path / "bundle")
     manifest = read_manifest(bundle)
     entry = manifest["graphs"][GRAPH]
@@ -152,5 +159,9 @@ def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
     groups = group_tensors(model, [t for t, kind in types.items() if kind in SIXTEEN_BIT or t in at8], 2)
     assert at8 == {t for g in layers["a8_groups"] for t in groups[g]}
     assert len(at8) == layers["a8_tensors"]
-    assert manifest["parity"]["gate"]["passed"]
-    assert np.isfinite(manifest["parity"]["graphs"][GRAPH]["sqnr_db"])
+    parity = manifest["parity"]
+    assert parity["gate"]["passed"] and "gate_fallback" not in entry["quantization"]
+    assert parity["thresholds"]["guidance_ratio_tolerance"] == GATE_GUIDANCE_TOLERANCE
+    # the recorded decision agrees with the recorded numbers: every step's guidance ratio is inside the gate's bound
+    assert all(abs(s["guidance_ratio"] - 1) <= GATE_GUIDANCE_TOLERANCE for s in parity["steps"]), parity["steps"]
+    assert np.isfinite(parity["graphs"][GRAPH]["sqnr_db"])
