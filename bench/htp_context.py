@@ -37,9 +37,9 @@ def random_feeds(inputs: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def measure(bundle: Path, soc_name: str) -> dict:
-    from cw_export.context_binaries import generate_context, load_context, load_socs
-    from cw_export.parity import sqnr_db
-    from cw_export.runtime.manifest import read_manifest
+    from cw_export.quantize.qnn.context_binaries import generate_context, load_context, load_socs
+    from cw_export.parity.measure import sqnr_db
+    from cw_export.contract.manifest import read_manifest
     from cw_export.runtime.sessions import create_session, manifest_session_config
 
     manifest = read_manifest(bundle)

@@ -53,9 +53,9 @@ def measure_bundle(bundle: Path) -> dict:
     from types import SimpleNamespace
 
     from cw_export.models.pipeline import load_model
-    from cw_export.parity import failures
-    from cw_export.runtime.manifest import read_manifest
-    from cw_export.validate import measure_on_provider
+    from cw_export.parity.measure import failures
+    from cw_export.contract.manifest import read_manifest
+    from cw_export.validate.parity import measure_on_provider
 
     manifest = read_manifest(bundle)
     source = manifest["source_model"]

@@ -30,7 +30,7 @@ GRAPHS = ("text_encoder", "high_res_in", "low_res", "adaptor", "high_res_out", "
 def run_cell(args, recipe_name: str, backend: str, work: Path) -> dict:
     from cw_export.build import BuildOptions, build_bundle
     from cw_export.recipe import load_recipe
-    from cw_export.runtime.manifest import read_manifest
+    from cw_export.contract.manifest import read_manifest
 
     recipe = load_recipe(recipe_name).with_build(height=args.height, width=args.width)
     recipe = recipe.with_quantization(backend=backend, calibration_prompts=args.calibration_prompts,

@@ -2,7 +2,7 @@
 
 Runs exactly the CLI's build path in this process (``cw_export.cli.main``) while
   * a sampler thread reads this process's RSS every ``--interval`` seconds, and
-  * the stage functions of ``cw_export.build`` / ``cw_export.export`` are wrapped (scoped, undone on exit) to stamp
+  * the stage functions of ``cw_export.build`` / ``cw_export.export.to_onnx`` are wrapped (scoped, undone on exit) to stamp
     start/end times, so every stage gets its wall time and the peak RSS seen while it ran.
 The kernel's own peak (``ru_maxrss``) is reported beside the sampled peak.
 
@@ -104,7 +104,7 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
 
     check = getattr(build, "check_build_memory", None)
     if check is not None:  # record the build's own up-front estimate beside the measured peak
-        from cw_export.resources_check import available_memory_bytes, estimate_build_peak_bytes
+        from cw_export.models.memory_check import available_memory_bytes, estimate_build_peak_bytes
 
         def recorded_check(model, latent_hw, *args, **kwargs):
             notes["estimated_peak_gib"] = gib(estimate_build_peak_bytes(model, latent_hw))

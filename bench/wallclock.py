@@ -7,7 +7,7 @@ Not a test: it takes minutes and its numbers depend on the machine and its load.
   3. ``--runs`` rounds, each timing one image per clock setting, interleaved (A B A B ...) so that drifting machine
      load hits both settings alike; every step and every graph call is timed too;
   4. medians: wall time per image (the denoising loop: UNet graphs + guidance + sampler), per step kind, per graph;
-     the FLOP saving from ``cw_export.flops`` (ONNX count) and how much of it the wall clock realised.
+     the FLOP saving from ``cw_export.bundle.flops`` (ONNX count) and how much of it the wall clock realised.
 Writes ``--json`` and the markdown table ``--md`` (text below the KEEP marker of an existing file is kept).
 
     python bench/wallclock.py --bundle builtin=/tmp/bench_builtin --bundle sd15-arch@256=/tmp/sd15_256 \
@@ -39,14 +39,14 @@ class TimedRunner:
 
         self.runner = BundleRunner(bundle)
         self.graph_times: dict[str, list[float]] = {}
-        original = self.runner._run_graph
+        original = self.runner.run_graph
 
         def timed(graph, slots):
             start = time.perf_counter()
             original(graph, slots)
             self.graph_times.setdefault(graph, []).append(time.perf_counter() - start)
 
-        self.runner._run_graph = timed
+        self.runner.run_graph = timed
 
     def image(self, hidden, pooled, noise, steps: int, clock: int) -> tuple[float, list[tuple[str, float]]]:
         """Seconds for one denoising loop and (kind, seconds) per step (a step ends when its graphs have run)."""
@@ -63,7 +63,7 @@ class TimedRunner:
 
 
 def bench_bundle(label: str, bundle: Path, steps: int, clocks: list[int], runs: int, warmup: int) -> dict:
-    from cw_export.flops import inspect_bundle
+    from cw_export.bundle.flops import inspect_bundle
 
     timed = TimedRunner(bundle)
     manifest = timed.runner.manifest

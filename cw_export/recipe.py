@@ -112,8 +112,8 @@ SECTIONS = {"build": BuildSection, "export": ExportSection, "quantization": Quan
 TOP_LEVEL = {"name", "description", "schema_version", *SECTIONS}
 
 
-PROMPT_AGGREGATES = ("median", "pooled")  # cw_export.parity.AGGREGATES (kept here: recipes load without numpy)
-DATA_FILES = {"socs"}  # recipes/ also holds tables that are not targets (socs.toml: cw_export.context_binaries)
+PROMPT_AGGREGATES = ("median", "pooled")  # cw_export.parity.measure.AGGREGATES (kept here: recipes load without numpy)
+DATA_FILES = {"socs"}  # recipes/ also holds tables that are not targets (socs.toml: cw_export.quantize.qnn.context_binaries)
 
 
 def available_targets() -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .runtime.schedule import CLOCKED, step_kinds
+from .contract.schedule import CLOCKED, step_kinds
 
 
 @dataclass

@@ -52,7 +52,7 @@ def test_recipe_adaptor_when_asked_or_when_the_shipped_one_does_not_fit(tmp_path
 
 def test_validate_finds_the_shipped_adaptor_weights_by_checksum():
     """`validate` re-measures a learned-adaptor bundle's parity only against the FP32 adaptor it was built with."""
-    from cw_export.validate import shipped_adaptor_state
+    from cw_export.validate.parity import shipped_adaptor_state
 
     model = load_model("builtin")
     sha = hashlib.sha256(SHAPES_ADAPTOR.read_bytes()).hexdigest()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cw_export.errors import ModelError
-from cw_export.export import export_graph
+from cw_export.export.to_onnx import export_graph
 from cw_export.models import configs
 from cw_export.split import split_unet
 
@@ -78,7 +78,7 @@ def test_tiny_split_parts_match_in_onnxruntime(tiny_model, tmp_path):
 
 def _run_split_in_ort(split, sample, timestep, text, folder) -> np.ndarray:
     """Export each part, then compose the three ONNX graphs in onnxruntime."""
-    from cw_export.export import ort_session
+    from cw_export.export.to_onnx import ort_session
 
     with torch.no_grad():
         temb, r_in, *skips = split.high_res_in(sample, timestep, text)

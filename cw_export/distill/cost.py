@@ -1,6 +1,6 @@
 """What the learned adaptor costs next to the UNet it shortcuts: parameters and MACs, batch 1.
 
-Counted with ``torch.utils.flop_counter.FlopCounterMode`` through ``cw_export.flops.count_module`` (the project's one
+Counted with ``torch.utils.flop_counter.FlopCounterMode`` through ``cw_export.bundle.flops.count_module`` (the project's one
 counting convention: convolutions, linear layers and attention matmuls; norms and activations are not counted),
 on the meta device, so SD 1.5's 860M-parameter UNet costs shapes only, no weights. MACs = FLOPs / 2.
 PAPER.md "Adaptor": ~14M params and ~1% of a step's FLOPs for the paper's ResNet adaptor.
@@ -20,7 +20,7 @@ def adaptor_cost(architecture: str = "sd15", latent_hw: tuple[int, int] | None =
     from diffusers import UNet2DConditionModel
 
     from ..adaptor import LearnedAdaptor, default_adaptor_config
-    from ..flops import count_module
+    from ..bundle.flops import count_module
     from ..models import configs
     from ..split import split_unet
 

@@ -27,7 +27,7 @@ import torch
 
 from ..cache import META_NAME, cache_root, cached_entry
 from ..progress import progress_bar
-from ..runtime.schedule import CLOCKED, step_kinds
+from ..contract.schedule import CLOCKED, step_kinds
 
 DATA_FORMAT = 1  # bump when the layout or the capture changes: old cache entries are then ignored
 INPUTS = ("r_in", "r_out_prev", "temb", "pooled_text")  # the adaptor graph's inputs, in its argument order

@@ -66,7 +66,7 @@ class DistillResult:
 def check_options(options: DistillOptions) -> None:
     """Reject impossible settings before any heavy work."""
     from ..runtime import schedulers
-    from ..runtime.schedule import check_steps_and_clock
+    from ..contract.schedule import check_steps_and_clock
 
     check_steps_and_clock(options.steps, options.clock)
     if not adaptor_steps(options.steps, options.clock):

@@ -140,7 +140,7 @@ SD21_TEXT_ENCODER: dict = {
 # SD 2.1 (768) is a v-prediction model; same scaled-linear betas as SD 1.5.
 SD21_NOISE_SCHEDULE: dict = {**SD_NOISE_SCHEDULE, "prediction_type": "v_prediction"}
 
-# name -> components; read by models.pipeline (builders) and cw_export.flops (meta-device FLOP counts).
+# name -> components; read by models.pipeline (builders) and cw_export.bundle.flops (meta-device FLOP counts).
 ARCHITECTURES: dict = {
     "sd15-arch": {"unet": SD15_UNET, "text_encoder": SD15_TEXT_ENCODER, "vae": SD15_VAE,
                   "noise_schedule": SD_NOISE_SCHEDULE},

@@ -15,6 +15,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..contract.graphs import IMAGE_GRAPHS, LOOP_GRAPHS
 from ..errors import RecipeError
 
 BACKENDS: dict[str, str] = {
@@ -26,8 +27,7 @@ WEIGHT_BITS = (8,)
 TIME_FEATURES_INPUT = "time_features"  # high_res_in's sinusoidal timestep embedding (cw_export.split)
 TIME_FEATURES_BITS = 16  # quantized at 16 bits even in an 8-bit graph: it carries the step index for every layer
 LAYER_SWEEPS = ("off", "block", "layer")  # granularity of the per-layer a8 sweep (cw_export.quantize.mixed)
-LOOP_GRAPHS = ("high_res_in", "low_res", "adaptor", "high_res_out")  # the denoising loop: always quantized
-IMAGE_GRAPHS = ("text_encoder", "vae_decoder")  # once per image: quantized only where the recipe names them
+# LOOP_GRAPHS (the denoising loop) are always quantized; IMAGE_GRAPHS (once per image) only where the recipe names them
 QUANTIZED_GRAPHS = LOOP_GRAPHS + IMAGE_GRAPHS  # every graph a recipe may quantize
 FP32_REASONS = {  # why a graph the recipe does not quantize stays FP32 (recorded per graph in the manifest)
     "text_encoder": "FP32: the recipe's activation_bits does not name text_encoder (the once-per-image graphs are "
@@ -46,7 +46,7 @@ class GraphJob:
     module: object  # torch.nn.Module, called positionally in ``input_names`` order
     input_names: list[str]
     output_names: list[str]
-    calibration: object  # cw_export.calibrate.CalibrationData
+    calibration: object  # cw_export.calibrate.collect.CalibrationData
     activation_bits: int
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
 from .fold import fold_weight_quantizers_file
-from .htp_forms import apply_htp_forms_file
+from .qnn.htp_forms import apply_htp_forms_file
 
 # aimet quantsim config: per-channel symmetric weights, float biases, quantized model inputs; LayerNorm gammas per
 # tensor (the QNN HTP rejects a per-channel LayerNorm gamma: graphAddNode error 1000, docs/qnn_htp.md)

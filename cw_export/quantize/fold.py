@@ -108,7 +108,7 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
 def fold_weight_quantizers_file(path: Path) -> int:
     """``fold_weight_quantizers`` on an ONNX file, rewritten in place (one external ``.data`` file beside it when
     the integer weights still exceed protobuf's 2 GB)."""
-    from ..export import PROTOBUF_LIMIT
+    from ..export.to_onnx import PROTOBUF_LIMIT
 
     model = onnx.load(str(path), load_external_data=True)
     count = fold_weight_quantizers(model)

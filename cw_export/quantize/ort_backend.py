@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
-from .htp_forms import apply_htp_forms_file
+from .qnn.htp_forms import apply_htp_forms_file
 
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the quantizer must write external data (protobuf 2 GB limit)
 PER_CHANNEL_LINEAR_OPS = {"MatMul": 1, "Gemm": None}  # weight input axis of output channels (Gemm: from transB)

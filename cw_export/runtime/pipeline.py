@@ -17,8 +17,8 @@ import numpy as np
 
 from ..errors import InputError
 from . import schedulers
-from .manifest import load_verified
-from .schedule import CLOCKED, step_kinds
+from ..contract.manifest import load_verified
+from ..contract.schedule import CLOCKED, step_kinds
 from .sessions import check_provider, create_session, manifest_session_config
 from .time_features import sinusoidal_time_features
 
@@ -47,8 +47,22 @@ class BundleRunner:
         self.provider = provider
         self._sessions: dict = {}
 
+    @classmethod
+    def from_sessions(cls, manifest: dict, sessions: dict) -> "BundleRunner":
+        """A runner over graphs already in memory (graph name -> anything with onnxruntime's ``run(outputs,
+        feeds)``: ORT sessions or FP32 torch graphs), with no bundle folder: calibration and parity run exactly the
+        loop the bundle runs, before the bundle exists. Only ``sessions``' graphs can run."""
+        runner = cls.__new__(cls)
+        runner.bundle = None
+        runner.manifest = manifest
+        runner.provider = "cpu"
+        runner._sessions = dict(sessions)
+        return runner
+
     def session(self, graph: str):
         if graph not in self._sessions:
+            if self.bundle is None:
+                raise KeyError(f"graph {graph} was not given to BundleRunner.from_sessions")
             # the session settings parity was measured under (manifest "session_options"; PLATFORM.md)
             spec = self.manifest["graphs"][graph]
             self._sessions[graph] = create_session(self.bundle / spec["file"], self.provider,
@@ -154,7 +168,7 @@ class BundleRunner:
                 for target, source in wiring["clocked_aliases"].items():
                     slots[target] = slots[source]
             for graph in wiring["steps"][kind]:
-                self._run_graph(graph, slots)
+                self.run_graph(graph, slots)
             for target, source in wiring["cache"].items():
                 cache[target] = slots[source]
             if on_step is not None:
@@ -168,7 +182,8 @@ class BundleRunner:
         trajectory.latents = latents
         return trajectory
 
-    def _run_graph(self, graph: str, slots: dict) -> None:
+    def run_graph(self, graph: str, slots: dict) -> None:
+        """Run one graph of the loop on the step's slots: read its inputs, write its outputs (the manifest's wiring)."""
         spec = self.manifest["wiring"]["graphs"][graph]
         feeds = {name: slots[slot] for name, slot in spec["inputs"].items()}
         outputs = list(spec["outputs"])

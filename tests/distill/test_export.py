@@ -51,8 +51,8 @@ def test_runtime_matches_torch_split_reference_with_the_same_adaptor(tiny_model,
     runner = BundleRunner(learned_bundle)
     noise = np.random.default_rng(21).standard_normal(runner.latent_shape(), dtype=np.float32)
     ran = []
-    original = runner._run_graph
-    runner._run_graph = lambda graph, slots: (ran.append(graph), original(graph, slots))
+    original = runner.run_graph
+    runner.run_graph = lambda graph, slots: (ran.append(graph), original(graph, slots))
     ours = runner.generate(hidden.numpy(), pooled.numpy(), noise)
     assert ran.count("adaptor") == 4 and ran.count("low_res") == 4  # 8 steps, clock 2
     ref = torch_split_trajectory(tiny_model, hidden, pooled, torch.from_numpy(noise), 8, clock=2, adaptor=adaptor)

@@ -9,12 +9,12 @@ import onnx
 from onnx import numpy_helper
 import pytest
 
-from cw_export.calibrate import collect, settings_for
+from cw_export.calibrate.collect import collect, settings_for
 from cw_export.errors import RecipeError
-from cw_export.parity import graph_sqnr
+from cw_export.parity.measure import graph_sqnr
 from cw_export.quantize import BACKENDS, GraphJob, check_settings, get_backend
 from cw_export.recipe import load_recipe
-from cw_export.runtime.manifest import read_manifest
+from cw_export.contract.manifest import read_manifest
 from cw_export.runtime.sessions import create_session, session_config
 
 GRAPH = "high_res_in"
@@ -22,7 +22,8 @@ GRAPH = "high_res_in"
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, fp32_bundle):
-    from cw_export.quantize.stages import tokenizer_fn, torch_graphs
+    from cw_export.calibrate.stage import tokenizer_fn
+    from cw_export.export.torch_graphs import torch_graphs
 
     manifest = read_manifest(fp32_bundle)
     prompts = ["a red square", "a blue circle"]

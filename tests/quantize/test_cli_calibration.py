@@ -58,7 +58,7 @@ def test_default_target_is_snapdragon_int8():
 
 
 def test_soc_table_is_data_not_a_target():
-    """recipes/socs.toml sits beside the targets but is not one (cw_export.context_binaries reads it)."""
+    """recipes/socs.toml sits beside the targets but is not one (cw_export.quantize.qnn.context_binaries reads it)."""
     from cw_export.errors import RecipeError
     from cw_export.recipe import available_targets, load_recipe
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cw_export.errors import ParityError
-from cw_export.parity import failures, gate
-from cw_export.runtime.manifest import read_manifest
+from cw_export.parity.measure import failures, gate
+from cw_export.contract.manifest import read_manifest
 
 
 def numbers(graph_db=40.0, step_db=(40.0, 35.0), ratio=1.0):
@@ -75,7 +75,7 @@ def test_validate_remeasures_the_manifest_numbers(low_parity_bundle, capsys):
 
 
 def test_validate_detects_changed_numbers(low_parity_bundle, tmp_path):
-    from cw_export.parity import compare
+    from cw_export.parity.measure import compare
 
     manifest = read_manifest(low_parity_bundle)
     recorded = manifest["parity"]
@@ -104,7 +104,7 @@ def test_image_parity_equals_an_independent_decode(low_parity_bundle, tiny_model
     by the runtime vs the torch clocked trajectory and the unclocked diffusers pipeline, both decoded by torch."""
     import torch
 
-    from cw_export.calibrate import unit_noise
+    from cw_export.calibrate.collect import unit_noise
     from cw_export.reference import decode_image, text_embeddings, torch_trajectory
     from cw_export.runtime.image import psnr, ssim
     from cw_export.runtime.pipeline import BundleRunner
@@ -132,7 +132,7 @@ def test_image_parity_equals_an_independent_decode(low_parity_bundle, tiny_model
 
 
 def test_image_gate_and_remeasure(low_parity_bundle):
-    from cw_export.parity import compare
+    from cw_export.parity.measure import compare
 
     recorded = read_manifest(low_parity_bundle)["parity"]
     strict = SimpleNamespace(**{**vars(THRESHOLDS), "image_min_psnr_db": 200.0, "image_min_ssim": 1.01})
@@ -146,7 +146,7 @@ def test_image_gate_and_remeasure(low_parity_bundle):
 def test_prompt_aggregate_keeps_one_chaotic_prompt_from_deciding():
     """Four prompts at 40 dB and one near a bifurcation (its latent moved 100x more): pooled MSE is decided by that
     prompt, the median is not; per-prompt values are kept either way."""
-    from cw_export.parity import AGGREGATES, step_table
+    from cw_export.parity.measure import AGGREGATES, step_table
     from cw_export.recipe import PROMPT_AGGREGATES
 
     assert set(AGGREGATES) == set(PROMPT_AGGREGATES)
@@ -202,9 +202,11 @@ def test_a8_choice_that_fails_the_gate_falls_back_to_a16(tmp_path, quant):
 def test_same_input_guidance_ratio_sees_a_shrunk_guidance_signal(fp32_bundle, tiny_model):
     """A UNet whose cond output is pulled halfway to uncond has guidance ratio 0.5 at every step, measured on the
     FP32 trajectory's own step inputs (so trajectory drift cannot enter); an unchanged one has 1."""
-    from cw_export.calibrate import GraphRunner, unit_noise
-    from cw_export.parity import same_input_guidance_ratio
-    from cw_export.quantize.stages import text_encoder_fn, torch_graphs
+    from cw_export.calibrate.collect import unit_noise
+    from cw_export.runtime.pipeline import BundleRunner
+    from cw_export.parity.measure import same_input_guidance_ratio
+    from cw_export.calibrate.stage import text_encoder_fn
+    from cw_export.export.torch_graphs import torch_graphs
 
     manifest = read_manifest(fp32_bundle)
     graphs = torch_graphs(tiny_model, manifest)
@@ -216,8 +218,8 @@ def test_same_input_guidance_ratio_sees_a_shrunk_guidance_signal(fp32_bundle, ti
             uncond, cond = np.split(noise, 2)
             return [np.concatenate([uncond, uncond + 0.5 * (cond - uncond)])]
 
-    same = GraphRunner(manifest, graphs)
-    half = GraphRunner(manifest, {**graphs, "high_res_out": HalfGuidance()})
+    same = BundleRunner.from_sessions(manifest, graphs)
+    half = BundleRunner.from_sessions(manifest, {**graphs, "high_res_out": HalfGuidance()})
     seen = {"same": [], "half": []}
 
     def on_step(i, kind, slots):
@@ -225,7 +227,7 @@ def test_same_input_guidance_ratio_sees_a_shrunk_guidance_signal(fp32_bundle, ti
         seen["half"].append(same_input_guidance_ratio(manifest, half, kind, slots))
 
     hidden, pooled = text_encoder_fn(tiny_model)("a red square")
-    GraphRunner(manifest, graphs).generate(hidden, pooled, unit_noise(manifest["latent"]["shape"], 0),
+    BundleRunner.from_sessions(manifest, graphs).generate(hidden, pooled, unit_noise(manifest["latent"]["shape"], 0),
                                            on_step=on_step)
     assert len(seen["half"]) == manifest["schedule"]["steps"]
     np.testing.assert_allclose(seen["same"], 1.0, atol=1e-6)

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cw_export.parity import sqnr_db
-from cw_export.quantize.htp_forms import apply_htp_forms_file, per_tensor_layernorm_betas, reshape_quantized_silus
+from cw_export.parity.measure import sqnr_db
+from cw_export.quantize.qnn.htp_forms import apply_htp_forms_file, per_tensor_layernorm_betas, reshape_quantized_silus
 from cw_export.runtime.sessions import create_session, session_config
 
 

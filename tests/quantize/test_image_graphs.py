@@ -11,12 +11,13 @@ import numpy as np
 import onnx
 import pytest
 
-from cw_export.calibrate import CALIBRATION_FORMAT, GraphRunner, collect, settings_for, unit_noise
+from cw_export.runtime.pipeline import BundleRunner
+from cw_export.calibrate.collect import CALIBRATION_FORMAT, collect, settings_for, unit_noise
 from cw_export.errors import RecipeError
-from cw_export.parity import graph_sqnr
+from cw_export.parity.measure import graph_sqnr
 from cw_export.quantize import BACKENDS, GraphJob, check_settings, get_backend, graphs_to_quantize
 from cw_export.recipe import load_recipe
-from cw_export.runtime.manifest import read_manifest
+from cw_export.contract.manifest import read_manifest
 from cw_export.runtime.sessions import create_session, session_config
 
 PROMPTS = ["a red square", "a blue circle"]
@@ -25,7 +26,8 @@ HELDOUT = ["a green triangle on the right", "two yellow stars"]
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, fp32_bundle):
-    from cw_export.quantize.stages import tokenizer_fn, torch_graphs
+    from cw_export.calibrate.stage import tokenizer_fn
+    from cw_export.export.torch_graphs import torch_graphs
 
     manifest = read_manifest(fp32_bundle)
     settings = settings_for(manifest, tiny_model.source["sha256"], PROMPTS, seed=0, samples_per_graph=64)
@@ -63,12 +65,12 @@ def test_calibration_captures_token_ids_and_final_latents(setup, tiny_model):
 
 def _heldout(graph: str, manifest, graphs, tiny_model) -> list[dict]:
     """Held-out inputs: other prompts' token ids, or the final latents of their FP32 clocked trajectories."""
-    from cw_export.quantize.stages import tokenizer_fn
+    from cw_export.calibrate.stage import tokenizer_fn
 
     ids = [tokenizer_fn(tiny_model)(p) for p in HELDOUT]
     if graph == "text_encoder":
         return [{"input_ids": i} for i in ids]
-    runner = GraphRunner(manifest, graphs)
+    runner = BundleRunner.from_sessions(manifest, graphs)
     return [{"latents": runner.generate(*runner.encode_ids(i), unit_noise(manifest["latent"]["shape"], 100 + k)).latents}
             for k, i in enumerate(ids)]
 

@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import pytest
 
-from cw_export.calibrate import collect, settings_for
-from cw_export.parity import graph_sqnr
+from cw_export.calibrate.collect import collect, settings_for
+from cw_export.parity.measure import graph_sqnr
 from cw_export.quantize import GraphJob, get_backend
 from cw_export.quantize.mixed import (SIXTEEN_BIT, activation_quantizers, group_of, group_tensors, merge_activations,
                                       merge_encodings, sixteen_bit_tensors, sweep)
 from cw_export.recipe import load_recipe
-from cw_export.runtime.manifest import read_manifest
+from cw_export.contract.manifest import read_manifest
 from cw_export.runtime.sessions import create_session, session_config
 
 GRAPH = "low_res"
@@ -25,7 +25,8 @@ CONFIG = session_config("basic")
 
 @pytest.fixture(scope="module")
 def low_res(tiny_model, fp32_bundle):
-    from cw_export.quantize.stages import tokenizer_fn, torch_graphs
+    from cw_export.calibrate.stage import tokenizer_fn
+    from cw_export.export.torch_graphs import torch_graphs
 
     manifest = read_manifest(fp32_bundle)
     prompts = ["a red square", "a blue circle"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cw_export.cli import main
 from cw_export.models.pipeline import folder_hash
-from cw_export.runtime.manifest import read_manifest
+from cw_export.contract.manifest import read_manifest
 
 
 def test_int8_build_from_a_saved_diffusers_folder(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Bad inputs to every command: one line on stderr, exit code 2, no traceback, nothing written at the output path.
 
-Cases already in tests/test_cli.py (clock 0, steps 0, clock > steps, guidance nan, unknown target, missing model
+Cases already in tests/cli/test_cli.py (clock 0, steps 0, clock > steps, guidance nan, unknown target, missing model
 folder, learned adaptor without checkpoint, height 100, unknown flag, init-latents shape, embeds keys, missing
 bundle, latents-out folder, empty prompt, model folders without index / with corrupt index / without unet / with
 corrupt unet weights) are not repeated here. Bundles with a changed, missing or extra byte: test_integrity.py.
@@ -210,7 +210,7 @@ def test_corrupt_adaptor_checkpoint(cw, tmp_path):
 
 
 def test_not_enough_memory(cw, tmp_path, monkeypatch):
-    import cw_export.resources_check as resources_check
+    import cw_export.models.memory_check as resources_check
 
     monkeypatch.setattr(resources_check, "available_memory_bytes", lambda: 64 * 1024**2)
     line = assert_user_error(cw(*BUILD, "--out", tmp_path / "bundle"), "GiB of memory but only 0.1 GiB is available")
@@ -353,7 +353,7 @@ def test_model_command_out_is_a_file(cw, tmp_path):
 
 def test_manifest_with_wrong_structure_is_one_line(cw, bundle_copy):
     """A hand-edited manifest (valid JSON, right schema, wrong types) is a bundle error, not a crash."""
-    from cw_export.runtime.manifest import manifest_bytes
+    from cw_export.contract.manifest import manifest_bytes
 
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["files"] = ["graphs/low_res.onnx"]

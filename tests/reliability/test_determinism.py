@@ -1,7 +1,7 @@
 """Building twice with the same inputs gives byte-identical graphs and manifest, for quantized targets too; and a
 quantized bundle whose encodings do not match its graphs fails ``validate``.
 
-The FP32 case is tests/test_bundle.py::test_build_is_deterministic. Quantized builds here use the smallest
+The FP32 case is tests/bundle/test_bundle.py::test_build_is_deterministic. Quantized builds here use the smallest
 calibration and parity budgets (1 prompt, 2 steps): determinism does not depend on them, the test time does.
 The second build reuses the first one's calibration cache, as a user's second build would.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import assert_user_error
 
-from cw_export.runtime.manifest import list_files, manifest_bytes
+from cw_export.contract.manifest import list_files, manifest_bytes
 
 TARGET = "snapdragon-int8"
 BACKENDS = ["ort", "aimet"]  # ort: the recipe's default; aimet: also writes encodings

@@ -1,5 +1,5 @@
 """``validate`` detects any changed, missing or extra byte in a bundle, and ``run`` refuses such a bundle unless
-``--no-verify``. tests/test_bundle.py checks four kinds of damage to one graph through the Python API; here every file
+``--no-verify``. tests/bundle/test_bundle.py checks four kinds of damage to one graph through the Python API; here every file
 of the bundle (manifest.json included) is damaged, and the commands are checked end to end.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import assert_user_error
 
-from cw_export.runtime.manifest import manifest_bytes, read_manifest, verify_bundle
+from cw_export.contract.manifest import manifest_bytes, read_manifest, verify_bundle
 
 
 def _all_files(bundle: Path) -> list[str]:
@@ -134,7 +134,7 @@ def test_manifest_not_json(cw, bundle_copy, tmp_path, command):
 
 def test_truncated_onnx_with_a_consistent_manifest_fails_the_onnx_check(cw, bundle_copy):
     """Someone truncates a graph and re-hashes the manifest: the sha256 table passes, the ONNX checker does not."""
-    from cw_export.runtime.manifest import list_files
+    from cw_export.contract.manifest import list_files
 
     graph = bundle_copy / "graphs" / "low_res.onnx"
     graph.write_bytes(graph.read_bytes()[:4096])

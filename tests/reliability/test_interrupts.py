@@ -20,7 +20,7 @@ import pytest
 from reliability_helpers import SUBPROCESS_ENV, assert_user_error, temps_in
 
 from cw_export.atomic import PAUSE_ENV, clean_stale_temps
-from cw_export.runtime.manifest import read_manifest, verify_bundle
+from cw_export.contract.manifest import read_manifest, verify_bundle
 
 PAUSED = "cw-export: test pause at "
 PAUSE_TIMEOUT_S = 400

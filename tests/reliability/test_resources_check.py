@@ -1,4 +1,4 @@
-"""cw_export.resources_check: the memory estimate, where the available memory is read from, and the refusal."""
+"""cw_export.models.memory_check: the memory estimate, where the available memory is read from, and the refusal."""
 
 from __future__ import annotations
 

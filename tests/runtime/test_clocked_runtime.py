@@ -60,13 +60,13 @@ def test_clocked_steps_do_not_run_low_res(fp32_bundle, inputs):
     hidden, pooled, noise = inputs
     runner = BundleRunner(fp32_bundle)
     ran: list[tuple[int, str]] = []
-    original = runner._run_graph
+    original = runner.run_graph
 
     def spy(graph, slots):
         ran.append((len([g for g in ran if g[1] == "high_res_in"]), graph))
         original(graph, slots)
 
-    runner._run_graph = spy
+    runner.run_graph = spy
     runner.generate(hidden.numpy(), pooled.numpy(), noise, steps=4, clock=2)
     low_res_steps = [step for step, graph in ran if graph == "low_res"]
     assert low_res_steps == [1, 3]  # counted after high_res_in of steps 1 and 3 (1-indexed)
@@ -75,7 +75,7 @@ def test_clocked_steps_do_not_run_low_res(fp32_bundle, inputs):
 def test_runtime_imports_no_torch_diffusers_or_transformers(fp32_bundle, tmp_path):
     code = (
         "import sys\n"
-        "from cw_export.runtime.cli_run import run_command\n"
+        "from cw_export.cli.run import run_command\n"
         "from cw_export.runtime.pipeline import BundleRunner\n"
         f"r = BundleRunner({str(fp32_bundle)!r})\n"
         "h, p = r.encode_prompt('a red square')\n"
@@ -112,3 +112,17 @@ def test_vae_decoder_graph_matches_diffusers_postprocessing(tiny_model, fp32_bun
     expected = VaeImageProcessor().postprocess(decoded, output_type="np")[0]
     assert ours.shape == (32, 32, 3) and ours.dtype == np.uint8
     assert np.max(np.abs(ours.astype(int) - np.round(expected * 255).astype(int))) <= 1
+
+
+def test_runner_from_sessions_runs_the_same_loop(fp32_bundle, inputs):
+    """``BundleRunner.from_sessions`` (calibration and parity, before a bundle exists) runs the loop of a bundle
+    runner over the same sessions bit for bit, and only the graphs it was given."""
+    hidden, pooled, noise = inputs
+    loaded = BundleRunner(fp32_bundle)
+    ours = loaded.generate(hidden.numpy(), pooled.numpy(), noise, steps=4, clock=2)
+    sessions = {g: loaded.session(g) for g in ("high_res_in", "low_res", "high_res_out")}
+    given = BundleRunner.from_sessions(loaded.manifest, sessions)
+    again = given.generate(hidden.numpy(), pooled.numpy(), noise, steps=4, clock=2)
+    assert np.array_equal(ours.latents, again.latents) and given.bundle is None
+    with pytest.raises(KeyError, match="vae_decoder"):
+        given.decode(ours.latents)

@@ -18,9 +18,9 @@ from onnx import TensorProto, helper
 from qdq_graphs import quantized_conv, save_graph
 
 from cw_export.cli import main
-from cw_export.context_binaries import (CONTEXT_DIR, generate_context, load_context, load_socs, parse_socs)
+from cw_export.quantize.qnn.context_binaries import (CONTEXT_DIR, generate_context, load_context, load_socs, parse_socs)
 from cw_export.errors import BundleError, InputError
-from cw_export.parity import sqnr_db
+from cw_export.parity.measure import sqnr_db
 from cw_export.runtime.sessions import create_session, session_config
 
 SMALL = {"calibration_prompts": 1, "calibration_samples": 4, "a8_candidates": []}
@@ -106,10 +106,10 @@ def test_unplaceable_graph_is_one_line_naming_graph_and_ops_and_writes_nothing(t
 def test_context_stage_records_each_soc_and_graph_in_the_manifest(qdq_conv, tmp_path):
     """The success path of the build's stage on a bundle whose quantized graph places: files under context/<SOC>/,
     listed in manifest["context_binaries"][soc][graph], which validate's lint and the hand-off README read."""
-    from cw_export.context_binaries import context_stage
-    from cw_export.handoff import _npu_section
-    from cw_export.runtime.manifest import list_files
-    from cw_export.validate import context_binaries_check
+    from cw_export.quantize.qnn.context_binaries import context_stage
+    from cw_export.bundle.handoff import _npu_section
+    from cw_export.contract.manifest import list_files
+    from cw_export.validate.lint import context_binaries_check
 
     qdq, _ = qdq_conv
     bundle = tmp_path / "bundle"
@@ -210,7 +210,7 @@ def test_build_with_soc(int8_bundle, tmp_path):
     """--soc on the built-in model. ort: every graph compiles; the bundle lists each context model and binary with
     its sha256, validate checks them, and each loads and runs on the HTP. aimet: the first graph that does not
     place fails the build in one line; nothing is written, and an existing bundle at --out stays as it was."""
-    from cw_export.runtime.manifest import read_manifest, verify_bundle
+    from cw_export.contract.manifest import read_manifest, verify_bundle
 
     backend = _backend(int8_bundle)
     expected = EXPECTED[backend]

@@ -15,7 +15,7 @@ from qdq_graphs import quantized_conv, save_graph
 
 from cw_export.cli import main
 from cw_export.errors import BundleError, InputError
-from cw_export.parity import sqnr_db
+from cw_export.parity.measure import sqnr_db
 from cw_export.runtime.sessions import QNN_EP, create_session, qnn_devices, session_config
 
 # measured 45.0 dB HTP vs the CPU EP on the same QDQ graph, 39.2 dB HTP vs FP32 (CPU QDQ vs FP32: 39.3 dB)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cw_export.export import ort_session
+from cw_export.export.to_onnx import ort_session
 from cw_export.runtime.pipeline import BundleRunner
 
 

@@ -1,0 +1,417 @@
+"""Parameters and FLOPs per graph and per clock schedule (``cw-export inspect``; the report's FLOPs figures).
+
+Two independent counters give the same numbers (tested):
+  * torch: ``torch.utils.flop_counter.FlopCounterMode`` over the split modules (cw_export.split) — on the meta device
+    for published architectures (shapes only, no weights, ~2 s for SD 1.5);
+  * ONNX: multiply-accumulates of every Conv / ConvTranspose / MatMul / Gemm node from the shapes that
+    ``onnx.shape_inference`` gives the bundle's graphs (external weights are never loaded).
+
+Conventions (PAPER.md "Split"):
+  * FLOPs = 2 x MACs of convolutions and matrix products; norms, activations, softmax, adds and resizes are not counted.
+  * ``flops`` counts attention matmuls (QK^T and AV); ``conv_linear_flops`` leaves them out, which is what the paper's
+    DeepSpeed count did (SD 1.5 at 512²: 677.8 GFLOPs full UNet, 228.4 GFLOPs high-res + identity adaptor).
+  * Batch 1 = one latent. Classifier-free guidance runs the UNet on batch 2 ([uncond, cond]) and doubles every UNet
+    number; ``schedule`` gives both. The paper's headline TFLOPs (10.8 for SD 1.5, 8 steps) are conv+linear x CFG 2.
+  * Schedule totals are UNet FLOPs (the part clocking changes); the text encoder and VAE decoder run once per image
+    and are listed per graph only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import BundleError
+
+CONV_OPS = ("aten.convolution", "aten._convolution", "aten.cudnn_convolution", "aten.convolution_overrideable",
+            "aten._slow_conv2d_forward")
+LINEAR_OPS = ("aten.mm", "aten.addmm")
+# bmm/baddbmm: attention products (on the meta device SDPA decomposes into two bmm); the fused SDPA kernels likewise.
+ATTENTION_OPS = ("aten.bmm", "aten.baddbmm", "aten._scaled_dot_product_flash_attention_for_cpu",
+                 "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_flash_attention",
+                 "aten._scaled_dot_product_cudnn_attention")
+CFG_BATCH = 2  # classifier-free guidance: [uncond, cond]
+
+
+@dataclass(frozen=True)
+class GraphCost:
+    """Parameters and FLOPs of one graph for batch 1, split by kind of operation."""
+
+    params: int
+    conv_flops: int
+    linear_flops: int
+    attention_flops: int
+
+    @property
+    def flops(self) -> int:
+        return self.conv_flops + self.linear_flops + self.attention_flops
+
+    @property
+    def conv_linear_flops(self) -> int:
+        return self.conv_flops + self.linear_flops
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "flops": self.flops, "conv_linear_flops": self.conv_linear_flops}
+
+
+# --- torch side ---------------------------------------------------------------------------------------------------
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode has no formula for the CPU flash-attention kernel; same as its other SDPA formulas."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _custom_mapping() -> dict:
+    import torch
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: _cpu_sdpa_flop} if op is not None else {}  # FlopCounterMode wraps it to receive shapes
+
+
+def count_module(module, inputs: tuple) -> tuple[GraphCost, object]:
+    """Run ``module(*inputs)`` under FlopCounterMode; returns (cost, outputs).
+
+    Parameters are those of the submodules that actually ran (a module may hold parts it does not run).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ran: dict[int, torch.nn.Module] = {}
+
+    def record(mod, _args):
+        ran[id(mod)] = mod
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+            outputs = module(*inputs)
+    finally:
+        handle.remove()
+    per_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    unknown = set(per_op) - set(CONV_OPS) - set(LINEAR_OPS) - set(ATTENTION_OPS)
+    assert not unknown, f"FLOP counter saw unclassified ops {unknown}"
+    params = {id(p): p.numel() for mod in ran.values() for p in mod.parameters(recurse=False)}
+    cost = GraphCost(params=sum(params.values()),
+                     conv_flops=sum(per_op.get(op, 0) for op in CONV_OPS),
+                     linear_flops=sum(per_op.get(op, 0) for op in LINEAR_OPS),
+                     attention_flops=sum(per_op.get(op, 0) for op in ATTENTION_OPS))
+    return cost, outputs
+
+
+def count_model(model, latent_hw: tuple[int, int], adaptor: str = "identity") -> dict[str, GraphCost]:
+    """Batch-1 cost of every graph a bundle of ``model`` has, on whatever device the model lives (meta is cheapest).
+
+    The UNet parts and the text encoder are counted at batch 1 (a bundle runs them at batch 2 for guidance); the VAE
+    decoder runs once per image at batch 1 anyway.
+    """
+    import torch
+
+    from ..adaptor import build_adaptor, default_adaptor_config
+    from ..export.wrappers import TextEncoderGraph, VaeDecoderGraph
+    from ..split import split_unet
+
+    device = next(model.unet.parameters()).device
+    text = model.text_encoder.config
+    ids = torch.zeros((1, text.max_position_embeddings), dtype=torch.long, device=device)
+    costs = {}
+    costs["text_encoder"], (ehs, pooled) = count_module(TextEncoderGraph(model.text_encoder), (ids,))
+    split = split_unet(model.unet)
+    sample = torch.zeros((1, model.unet.config.in_channels, *latent_hw), device=device)
+    timestep = torch.full((1,), 999.0, device=device)
+    costs["high_res_in"], (temb, r_in, *skips) = count_module(split.high_res_in, (sample, timestep, ehs))
+    costs["low_res"], r_out = count_module(split.low_res, (r_in, temb, ehs))
+    costs["high_res_out"], _ = count_module(split.high_res_out, (r_out, temb, ehs, *skips))
+    if adaptor == "learned":
+        with torch.device(device):
+            module = build_adaptor(default_adaptor_config(model.unet, text.hidden_size))
+        costs["adaptor"], _ = count_module(module, (r_in, r_out, temb, pooled))
+    latents = torch.zeros((1, model.vae.config.latent_channels, *latent_hw), device=device)
+    costs["vae_decoder"], _ = count_module(VaeDecoderGraph(model.vae), (latents,))
+    return costs
+
+
+def per_block_costs(unet, latent_hw: tuple[int, int]) -> dict[str, GraphCost]:
+    """Batch-1 cost of each UNet resolution block (DOWN-i, MID, UP-i), the breakdown PAPER.md quotes for SD 1.5.
+
+    Params are left at 0 (blocks share nothing; the UNet total is in ``count_model``).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(unet.parameters()).device
+    sample = torch.zeros((1, unet.config.in_channels, *latent_hw), device=device)
+    context = torch.zeros((1, 77, unet.config.cross_attention_dim), device=device)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+        unet(sample, torch.zeros((1,), device=device), encoder_hidden_states=context)
+    counts = counter.get_flop_counts()
+    blocks = {f"DOWN-{i}": f"down_blocks.{i}" for i in range(len(unet.down_blocks))}
+    blocks["MID"] = "mid_block"
+    blocks.update({f"UP-{i}": f"up_blocks.{i}" for i in range(len(unet.up_blocks))})
+    costs = {}
+    for label, suffix in blocks.items():
+        key = next((k for k in counts if k.endswith("." + suffix) and k.count(".") == suffix.count(".") + 1), None)
+        ops = {str(op): int(n) for op, n in counts.get(key, {}).items()}
+        costs[label] = GraphCost(0, sum(ops.get(o, 0) for o in CONV_OPS), sum(ops.get(o, 0) for o in LINEAR_OPS),
+                                 sum(ops.get(o, 0) for o in ATTENTION_OPS))
+    return costs
+
+
+# --- ONNX side ----------------------------------------------------------------------------------------------------
+def _shapes(graph) -> dict[str, list[int]]:
+    shapes = {}
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _constants(graph) -> set[str]:
+    """Tensors computable from initializers alone (weights, also through folded-away Transpose/Reshape/Cast)."""
+    constant = {init.name for init in graph.initializer}
+    for node in graph.node:  # nodes are topologically sorted (ONNX requirement)
+        if node.op_type == "Constant" or (node.input and all(not n or n in constant for n in node.input)):
+            constant.update(node.output)
+    return constant
+
+
+def _prod(dims) -> int:
+    return math.prod(int(d) for d in dims)
+
+
+def _attr(node, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return attribute.i
+    return default
+
+
+SMALL_EXTERNAL_BYTES = 1 << 16  # shape/index constants the shape inference must read; weights stay on disk
+
+
+def _load_structure(path: Path):
+    """The graph without its weights, except small external tensors (shape arithmetic constants)."""
+    import onnx
+    from onnx import external_data_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            if int(info.get("length", SMALL_EXTERNAL_BYTES + 1)) <= SMALL_EXTERNAL_BYTES:
+                external_data_helper.load_external_data_for_tensor(tensor, str(Path(path).parent))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+    return model
+
+
+def _counted_nodes_known(graph, shapes) -> bool:
+    return all(all(d >= 0 for d in shapes.get(name, [-1])) for node in graph.node
+               if node.op_type in COUNTED_ONNX_OPS for name in list(node.input[:2]) + [node.output[0]])
+
+
+COUNTED_ONNX_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def count_onnx(path: Path) -> GraphCost:
+    """MAC-based cost of one ONNX graph, divided by its batch (the first dim of its first input).
+
+    Shapes come from onnx.shape_inference (with data propagation); graphs that were not simplified keep Shape->Slice
+    arithmetic it cannot follow, and then onnxruntime's symbolic shape inference fills them in.
+    """
+    import onnx
+
+    model = _load_structure(path)
+    graph = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    shapes = _shapes(graph)
+    if not _counted_nodes_known(graph, shapes):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        graph = SymbolicShapeInference.infer_shapes(model, auto_merge=True).graph
+        shapes = _shapes(graph)
+    constant = _constants(graph)
+    conv = linear = attention = 0
+    for node in graph.node:
+        op = node.op_type
+        if op not in COUNTED_ONNX_OPS:
+            continue
+        dims = [shapes.get(name) for name in list(node.input[:2]) + [node.output[0]]]
+        if any(d is None or any(v < 0 for v in d) for d in dims):
+            raise BundleError(f"{path.name}: node {node.name or op} has unknown shapes; cannot count its FLOPs")
+        a, b, y = dims
+        if op == "Conv":  # W [Cout, Cin/g, k...]: every output element reads Cin/g * k... inputs
+            conv += _prod(y) * _prod(b[1:])
+        elif op == "ConvTranspose":  # W [Cin, Cout/g, k...]: every input element scatters to Cout/g * k... outputs
+            conv += _prod(a) * _prod(b[1:])
+        else:
+            k = (a[0] if _attr(node, "transA", 0) else a[-1]) if op == "Gemm" else a[-1]
+            macs = _prod(y) * k
+            if node.input[0] in constant or node.input[1] in constant:
+                linear += macs
+            else:
+                attention += macs
+    params = sum(_prod(init.dims) for init in graph.initializer
+                 if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(init.dims) >= 1)
+    batch = shapes[graph.input[0].name][0] or 1
+    return GraphCost(params=params, conv_flops=2 * conv // batch, linear_flops=2 * linear // batch,
+                     attention_flops=2 * attention // batch)
+
+
+def count_bundle(bundle: Path, manifest: dict) -> dict[str, GraphCost]:
+    return {name: count_onnx(Path(bundle) / graph["file"]) for name, graph in sorted(manifest["graphs"].items())}
+
+
+# --- schedule -----------------------------------------------------------------------------------------------------
+def _sum(costs: dict[str, GraphCost], names: list[str], attr: str) -> int:
+    return sum(getattr(costs[n], attr) for n in names if n in costs)
+
+
+def schedule_costs(costs: dict[str, GraphCost], step_graphs: dict[str, list[str]], steps: int, clock: int) -> dict:
+    """Per-step and per-image UNet FLOPs for an unclocked (every step full) and a clocked schedule."""
+    from ..contract.schedule import FULL, step_kinds
+
+    kinds = step_kinds(steps, clock)
+    per_step = {kind: {"flops": _sum(costs, names, "flops"), "conv_linear_flops": _sum(costs, names, "conv_linear_flops"),
+                       "graphs": list(names)}
+                for kind, names in step_graphs.items()}
+
+    def totals(attr: str) -> dict:
+        full = steps * per_step[FULL][attr]
+        clocked = sum(per_step[kind][attr] for kind in kinds)
+        saving = 100.0 * (full - clocked) / full if full else 0.0
+        return {"full_flops": full, "clocked_flops": clocked, "saving_pct": round(saving, 2),
+                "full_flops_cfg": CFG_BATCH * full, "clocked_flops_cfg": CFG_BATCH * clocked}
+
+    return {"steps": steps, "clock": clock, "step_kinds": kinds, **totals("flops"),
+            "conv_linear": totals("conv_linear_flops"), "per_step": per_step}
+
+
+def inspect_report(costs: dict[str, GraphCost], step_graphs: dict[str, list[str]], steps: int, clock: int,
+                   source: dict) -> dict:
+    """The JSON ``cw-export inspect`` writes: per-graph params/FLOPs and the schedule totals."""
+    return {
+        "source": source,
+        "convention": {"batch": 1, "flops": "2 x MACs of Conv/ConvTranspose/MatMul/Gemm (attention matmuls included)",
+                       "conv_linear_flops": "same without attention matmuls (the paper's DeepSpeed convention)",
+                       "cfg": f"classifier-free guidance runs batch {CFG_BATCH}: *_cfg totals are x{CFG_BATCH}",
+                       "schedule": "UNet graphs only; text encoder and VAE decoder run once per image"},
+        "graphs": {name: cost.to_dict() for name, cost in sorted(costs.items())},
+        "schedule": schedule_costs(costs, step_graphs, steps, clock),
+    }
+
+
+def _human(flops: float) -> str:
+    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.0f} FLOPs"
+
+
+def format_report(report: dict) -> str:
+    """Plain-text table of an inspect report (what the CLI prints)."""
+    g = 1e9
+    lines = [f"{'graph':<14}{'params (M)':>12}{'GFLOPs':>11}{'conv+linear':>13}{'attention':>11}   (batch 1)"]
+    for name, c in report["graphs"].items():
+        lines.append(f"{name:<14}{c['params'] / 1e6:>12.2f}{c['flops'] / g:>11.3f}"
+                     f"{c['conv_linear_flops'] / g:>13.3f}{c['attention_flops'] / g:>11.3f}")
+    s = report["schedule"]
+    lines.append("")
+    for kind in sorted(s["per_step"], key=lambda k: k != "full"):
+        step = s["per_step"][kind]
+        lines.append(f"{kind} step ({' + '.join(step['graphs'])}): {_human(step['flops'])} "
+                     f"({_human(step['conv_linear_flops'])} conv+linear)")
+    cl = s["conv_linear"]
+    lines.append(f"{s['steps']} steps, clock {s['clock']}, per image, batch 1: {_human(s['full_flops'])} -> "
+                 f"{_human(s['clocked_flops'])} (saving {s['saving_pct']:.1f}%); conv+linear only "
+                 f"{_human(cl['full_flops'])} -> {_human(cl['clocked_flops'])} (saving {cl['saving_pct']:.1f}%)")
+    lines.append(f"with classifier-free guidance (batch {CFG_BATCH}): {_human(s['full_flops_cfg'])} -> "
+                 f"{_human(s['clocked_flops_cfg'])}; conv+linear {_human(cl['full_flops_cfg'])} -> "
+                 f"{_human(cl['clocked_flops_cfg'])}")
+    return "\n".join(lines)
+
+
+# --- entry points -------------------------------------------------------------------------------------------------
+def inspect_bundle(bundle: Path, steps: int | None = None, clock: int | None = None) -> dict:
+    from ..contract.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    costs = count_bundle(bundle, manifest)
+    steps = manifest["schedule"]["steps"] if steps is None else steps
+    clock = manifest["schedule"]["clock"] if clock is None else clock
+    source = {"bundle": str(bundle), "counter": "onnx shape inference (Conv/ConvTranspose/MatMul/Gemm MACs)",
+              "latent": manifest["latent"]["shape"][2:], "target": manifest.get("target")}
+    return inspect_report(costs, manifest["wiring"]["steps"], steps, clock, source)
+
+
+def load_for_counting(spec: str):
+    """A model to count: published architectures on the meta device (no weights), others loaded then moved to meta."""
+    from ..models.pipeline import ARCHITECTURE_NAMES, build_architecture_model, load_model
+
+    if spec in ARCHITECTURE_NAMES:
+        return build_architecture_model(spec, device="meta")
+    model = load_model(spec)
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.to("meta")
+    return model
+
+
+def inspect_model(spec: str, steps: int, clock: int, height: int = 0, width: int = 0,
+                  adaptor: str = "identity") -> dict:
+    from ..contract.graphs import make_wiring
+    from ..errors import InputError
+
+    model = load_for_counting(spec)
+    factor = model.vae_scale_factor
+    unet_factor = 2 ** (len(model.unet.down_blocks) - 1)
+    latent = []
+    for name, value in (("height", height), ("width", width)):
+        value = value or model.default_latent_size * factor
+        if value % (factor * unet_factor):
+            raise InputError(f"--{name} {value} must be divisible by {factor * unet_factor}")
+        latent.append(value // factor)
+    costs = count_model(model, (latent[0], latent[1]), adaptor=adaptor)
+    wiring = make_wiring(len(model.unet.up_blocks[-1].resnets), adaptor)
+    source = {"model": spec, "counter": "torch FlopCounterMode on the split modules (meta device)",
+              "latent": latent, "adaptor": adaptor}
+    return inspect_report(costs, wiring["steps"], steps, clock, source)
+
+
+def inspect_command(args) -> int:
+    """``cw-export inspect (BUNDLE | --model X)``: print the table, optionally write the JSON."""
+    import json
+
+    from ..errors import InputError
+    from ..contract.schedule import check_steps_and_clock
+
+    if (args.bundle is None) == (args.model is None):
+        raise InputError("cw-export inspect: give either a BUNDLE folder or --model NAME, not both")
+    if args.bundle is not None:
+        if args.adaptor != "identity" or args.height or args.width:
+            raise InputError("--adaptor/--height/--width apply to --model; a bundle's graphs fix them")
+        from ..contract.manifest import read_manifest
+
+        schedule = read_manifest(args.bundle)["schedule"]
+        steps = schedule["steps"] if args.steps is None else args.steps
+        clock = schedule["clock"] if args.clock is None else args.clock
+        check_steps_and_clock(steps, clock)
+        report = inspect_bundle(args.bundle, steps, clock)
+    else:
+        from ..models.pipeline import check_model_spec
+        from ..recipe import DEFAULT_TARGET, load_recipe
+
+        check_model_spec(args.model)
+        defaults = load_recipe(DEFAULT_TARGET).build
+        steps = defaults.steps if args.steps is None else args.steps
+        clock = defaults.clock if args.clock is None else args.clock
+        check_steps_and_clock(steps, clock)
+        report = inspect_model(args.model, steps, clock, args.height, args.width, args.adaptor)
+    print(format_report(report))
+    if args.json is not None:
+        from ..atomic import write_file_atomic
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(args.json, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return 0

@@ -1,0 +1,385 @@
+"""Command line: ``cw-export [build options]``, ``cw-export run|validate|model ...``.
+
+User-caused failures (``CwExportError``) are caught here, once, and printed as one line on stderr with exit code 2.
+argparse's own errors are routed the same way instead of its multi-line usage dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+import sys
+from pathlib import Path
+
+from ..errors import CwExportError, InputError
+from ..quantize import LAYER_SWEEPS
+
+SUBCOMMANDS = ("build", "run", "validate", "model", "inspect", "report", "distill", "evaluate")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        raise InputError(f"{self.prog}: {message}")
+
+
+def _int_at_least(name: str, minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _positive_int(name: str):
+    return _int_at_least(name, 1)
+
+
+def _finite_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got '{text}'") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got '{text}'")
+        return value
+    return parse
+
+
+def _nonnegative_int(name: str):
+    return _int_at_least(name, 0)
+
+
+def _add_schedule_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=_positive_int("--steps"), help="denoising steps (default: recipe/bundle)")
+    parser.add_argument("--clock", type=_positive_int("--clock"), help="full UNet every N steps (default: recipe)")
+    parser.add_argument("--guidance", type=_finite_float("--guidance"), help="classifier-free guidance scale (default: "
+                        "the one the model declares in its folder's cw_export.json, as the built-in model does; else "
+                        "the recipe's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..recipe import DEFAULT_TARGET
+
+    parser = _Parser(prog="cw-export", description="Build a Clockwork-split ONNX bundle of a Stable Diffusion model.")
+    parser.add_argument("--model", default="builtin", help="'builtin', 'tiny-random' or a diffusers pipeline folder")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="recipe name in recipes/ or a recipe .toml path")
+    parser.add_argument("--out", type=Path, default=Path("bundle"), help="bundle folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only if the build succeeds)")
+    _add_schedule_flags(parser)
+    parser.add_argument("--adaptor", choices=["identity", "learned"],
+                        help="clocked-step adaptor (default: the model's own distilled adaptor when it fits the "
+                        "schedule, as for the built-in model; else the recipe's)")
+    parser.add_argument("--adaptor-checkpoint", type=Path, help="learned adaptor weights (safetensors)")
+    parser.add_argument("--height", type=_nonnegative_int("--height"), help="image height in pixels")
+    parser.add_argument("--width", type=_nonnegative_int("--width"), help="image width in pixels")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    quant = parser.add_argument_group("quantized targets (snapdragon-*)")
+    quant.add_argument("--calibration", type=Path, metavar="FILE",
+                       help="calibration prompt file: one prompt a line, blank lines and # comments ignored")
+    quant.add_argument("--calibration-prompts", type=_positive_int("--calibration-prompts"), metavar="N",
+                       help="number of calibration prompts (default: recipe)")
+    quant.add_argument("--calibration-samples", type=_positive_int("--calibration-samples"), metavar="N",
+                       help="cap of stored calibration inputs per graph (default: recipe)")
+    quant.add_argument("--a8-sweep", choices=LAYER_SWEEPS,
+                       help="how far the 8-bit activation sweep goes when a candidate graph misses the floors whole: "
+                       "off = that graph stays 16-bit, block/layer = 8 bits per block/layer that keeps them (default: "
+                       "recipe; each block costs one quantization + scoring run of the graph: 'off' is the budget "
+                       "setting for SD 1.5-size models)")
+    quant.add_argument("--parity-prompts", type=_positive_int("--parity-prompts"), metavar="N",
+                       help="number of held-out prompts parity is measured on (default: recipe)")
+    quant.add_argument("--quant-backend", choices=["aimet", "ort"], help="quantization backend (default: recipe)")
+    quant.add_argument("--allow-low-parity", action="store_true",
+                       help="write the bundle even if it misses the recipe's parity thresholds (recorded)")
+    quant.add_argument("--soc", action="append", metavar="NAME",
+                       help="also compile each quantized graph to a QNN context binary for this Snapdragon SoC "
+                       "(e.g. SM8650; repeatable or comma-separated; known SoCs: recipes/socs.toml); a graph that "
+                       "does not place fully on the HTP fails the build (docs/qnn_htp.md)")
+    return parser
+
+
+def _apply_quantization_flags(recipe, args):
+    """CLI overrides of the recipe's [quantization] / [parity] sections; only meaningful for quantized targets."""
+    given = [flag for flag, value in (("--calibration", args.calibration),
+                                      ("--calibration-prompts", args.calibration_prompts),
+                                      ("--calibration-samples", args.calibration_samples),
+                                      ("--a8-sweep", args.a8_sweep),
+                                      ("--parity-prompts", args.parity_prompts),
+                                      ("--quant-backend", args.quant_backend)) if value is not None]
+    if args.allow_low_parity:
+        given.append("--allow-low-parity")
+    if args.soc:
+        given.append("--soc")
+    if given and not recipe.quantized:
+        raise InputError(f"{', '.join(given)} only apply to quantized targets; target '{recipe.name}' is FP32")
+    calibration = None
+    if args.calibration is not None:
+        from ..prompts import read_prompt_file
+
+        read_prompt_file(args.calibration)  # a bad file fails here, before any heavy work
+        calibration = str(args.calibration.absolute())
+    return recipe.with_quantization(
+        backend=args.quant_backend, calibration_set=calibration, calibration_prompts=args.calibration_prompts,
+        calibration_samples=args.calibration_samples, a8_layer_sweep=args.a8_sweep,
+    ).with_parity(heldout_prompts=args.parity_prompts)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export run", description="Run a bundle with numpy + onnxruntime only.")
+    parser.add_argument("bundle", type=Path)
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--prompt", help="text prompt (tokenized and encoded by the bundle's text encoder)")
+    text.add_argument("--text-embeds", type=Path, help=".npz with 'cond' and 'uncond' [1, seq, dim] "
+                      "(and optionally 'cond_pooled'/'uncond_pooled' [1, dim] for a learned adaptor)")
+    text.add_argument("--grid", type=Path, help="prompt file: write a comparison grid (rows: prompts; columns: "
+                      "full FP32, clockwork FP32, this bundle on each provider) to --image-out")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--seed", type=int, help="seed for the initial unit Gaussian noise (numpy PCG64)")
+    noise.add_argument("--init-latents", type=Path, help=".npy unit Gaussian noise [1, C, h, w]")
+    _add_schedule_flags(parser)
+    parser.add_argument("--latents-out", type=Path, help=".npy for the final latents (before VAE scaling)")
+    parser.add_argument("--image-out", type=Path, help=".png of the decoded image (bundle's VAE decoder)")
+    parser.add_argument("--provider", default="cpu", help="execution provider: cpu or qnn-htp (quantized graphs on "
+                        "the QNN HTP, CPU fallback disabled; FP32 graphs on the CPU; docs/qnn_htp.md)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 integrity check")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def validate_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export validate", description="Check a bundle's integrity and parity.")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--no-parity", action="store_true", help="integrity only, even if the source model is reachable")
+    parser.add_argument("--provider", default="cpu", help="execution provider the quantized graphs' parity is measured "
+                        "on: cpu (re-measures the manifest's numbers) or qnn-htp (per-graph SQNR vs FP32 torch on "
+                        "the HTP, gated on the recorded thresholds; docs/qnn_htp.md)")
+    parser.add_argument("--record", action="store_true", help="with --provider qnn-htp: write the numbers measured "
+                        "there into the manifest (parity_by_provider) beside the CPU ones, and refresh the bundle's "
+                        "hand-off README.md")
+    return parser
+
+
+def model_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export model", description="Write the built-in pipeline as a diffusers folder.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="builtin", help="built-in model name: builtin or tiny-random")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _guidance(args: argparse.Namespace) -> float | None:
+    """--guidance, else the guidance the model declares (its folder's cw_export.json), else None: the recipe's."""
+    from ..models.pipeline import declared_guidance
+
+    return args.guidance if args.guidance is not None else declared_guidance(args.model)
+
+
+def cmd_build(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)  # before importing torch: a mistyped flag fails in a fraction of a second
+    from ..quantize.qnn.context_binaries import parse_socs
+
+    socs = parse_socs(args.soc)  # an unknown SoC fails here, before any heavy work
+
+    from ..build import BuildOptions, build_bundle
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(args.target).with_build(
+        steps=args.steps, clock=args.clock, guidance_scale=_guidance(args), adaptor=args.adaptor,
+        height=args.height, width=args.width)
+    recipe = _apply_quantization_flags(recipe, args)
+    out = build_bundle(recipe, BuildOptions(model=args.model, out=args.out, overwrite=args.overwrite,
+                                            adaptor_checkpoint=args.adaptor_checkpoint, progress=not args.quiet,
+                                            allow_low_parity=args.allow_low_parity, socs=socs,
+                                            model_adaptor=args.adaptor is None))
+    print(f"bundle written: {out}")
+    return 0
+
+
+def cmd_run(argv: list[str]) -> int:
+    from .run import run_command, unverified_bundle_errors
+
+    args = run_parser().parse_args(argv)
+    with unverified_bundle_errors(args.bundle, args.no_verify):
+        return run_command(args)
+
+
+def cmd_validate(argv: list[str]) -> int:
+    from .validate import validate_command
+
+    return validate_command(validate_parser().parse_args(argv))
+
+
+def cmd_model(argv: list[str]) -> int:
+    from ..atomic import check_output_path
+    from ..models.pipeline import BUILTIN_MODELS, load_model, save_model
+
+    args = model_parser().parse_args(argv)
+    if args.model not in BUILTIN_MODELS:
+        raise InputError(f"--model must be a built-in model ({', '.join(BUILTIN_MODELS)}), got '{args.model}'")
+    check_output_path(args.out.absolute(), args.overwrite)
+    out = save_model(load_model(args.model), args.out, overwrite=args.overwrite)
+    print(f"built-in pipeline written: {out}")
+    return 0
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export inspect", description="Parameters and FLOPs per graph and per clock schedule "
+                     "(batch 1; x2 with classifier-free guidance).")
+    parser.add_argument("bundle", type=Path, nargs="?", help="bundle to count from its ONNX graphs")
+    parser.add_argument("--model", help="count a model instead: builtin, tiny-random, sd15-arch, sd21-arch or a folder")
+    parser.add_argument("--steps", type=_positive_int("--steps"), help="denoising steps (default: bundle/recipe)")
+    parser.add_argument("--clock", type=_positive_int("--clock"), help="full UNet every N steps (default: bundle/recipe)")
+    parser.add_argument("--adaptor", choices=["identity", "learned"], default="identity", help="with --model")
+    parser.add_argument("--height", type=_nonnegative_int("--height"), default=0, help="with --model: image height")
+    parser.add_argument("--width", type=_nonnegative_int("--width"), default=0, help="with --model: image width")
+    parser.add_argument("--json", type=Path, help="also write the numbers as JSON to this file")
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export report", description="Regenerate a bundle's report.html (and, in place, its "
+                     "hand-off README.md).")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--out", type=Path, help="write the report here instead of into the bundle")
+    return parser
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    from ..bundle.flops import inspect_command
+
+    return inspect_command(inspect_parser().parse_args(argv))
+
+
+def cmd_report(argv: list[str]) -> int:
+    from ..bundle.report import report_command
+
+    args = report_parser().parse_args(argv)
+    code = report_command(args)
+    if args.out is None:  # in place: the bundle's hand-off README.md is regenerated too
+        from ..bundle.handoff import refresh_handoff
+
+        refresh_handoff(args.bundle)
+    return code
+
+
+def distill_parser() -> argparse.ArgumentParser:
+    from ..distill import DEFAULT_EPOCHS
+    from ..recipe import DEFAULT_TARGET
+
+    parser = _Parser(prog="cw-export distill", description="Train the learned adaptor by model-step distillation "
+                     "on the teacher UNet's unrolled trajectories (prompts only). Data-parallel under "
+                     "'accelerate launch' / 'torchrun' with the same command.")
+    parser.add_argument("--model", default="builtin", help="'builtin', 'tiny-random' or a diffusers pipeline folder")
+    parser.add_argument("--target", default=DEFAULT_TARGET,
+                        help="recipe whose sampler/steps/clock/guidance the adaptor is distilled for")
+    parser.add_argument("--prompts", default="default", help="prompt file or builtin set name (default: default)")
+    parser.add_argument("--num-prompts", type=_nonnegative_int("--num-prompts"), default=0,
+                        help="use the first N prompts (default 0: all)")
+    _add_schedule_flags(parser)
+    parser.add_argument("--epochs", type=_positive_int("--epochs"), default=DEFAULT_EPOCHS, help="training epochs")
+    parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=16,
+                        help="global batch in (uncond, cond) pairs, split over data-parallel processes")
+    parser.add_argument("--lr", type=_finite_float("--lr"), default=1e-4, help="Adam learning rate")
+    parser.add_argument("--seed", type=_nonnegative_int("--seed"), default=0,
+                        help="adaptor init, batch order and teacher noise (prompt k: seed + k)")
+    parser.add_argument("--out", type=Path, default=Path("adaptor.safetensors"), help="checkpoint (.safetensors)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT's resume state (.resume.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def cmd_distill(argv: list[str]) -> int:
+    args = distill_parser().parse_args(argv)
+
+    from ..distill.train import DistillOptions, distill
+    from ..recipe import load_recipe
+
+    build = load_recipe(args.target).with_build(steps=args.steps, clock=args.clock,
+                                                guidance_scale=_guidance(args)).build
+    result = distill(DistillOptions(
+        model=args.model, prompts=args.prompts, num_prompts=args.num_prompts, steps=build.steps, clock=build.clock,
+        guidance_scale=build.guidance_scale, sampler=build.sampler, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.quiet))
+    if result.main_process:
+        history = result.log["history"]
+        loss = f", loss {history[-1]['loss']:.4g}" if history else ""
+        print(f"adaptor checkpoint written: {result.checkpoint} (epoch {result.log['epochs_done']}{loss})")
+    return 0
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cw-export evaluate", description="Prompt accuracy and Fréchet distance (shape classifier "
+                     "features) of a shapes-model bundle: full FP32, clockwork FP32 (torch) and the bundle itself.")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="captions, one a line (default: the held-out captions of the shapes data set)")
+    parser.add_argument("--repeats", type=_positive_int("--repeats"), default=4,
+                        help="images per caption (default 4: 120 images for the held-out captions)")
+    parser.add_argument("--limit", type=_nonnegative_int("--limit"), default=0,
+                        help="evaluate only the first N captions after repeats (default 0: all)")
+    parser.add_argument("--seed", type=_nonnegative_int("--seed"), default=0,
+                        help="image i starts from the noise of 'cw-export run --seed SEED+i'")
+    parser.add_argument("--provider", nargs="+", action="extend", choices=["cpu", "qnn-htp"],
+                        help="providers the bundle runs on (cpu always; qnn-htp adds clockwork_<p>_htp)")
+    parser.add_argument("--adaptor-checkpoint", type=Path, metavar="CKPT",
+                        help="torch weights of a learned-adaptor bundle's adaptor (default: found in the build cache)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write {variant: {prompt_accuracy, frechet, ...}}")
+    parser.add_argument("--images-out", type=Path, metavar="DIR", help="write every image as DIR/<variant>/NNN.png")
+    return parser
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from .evaluate import evaluate_command
+
+    return evaluate_command(evaluate_parser().parse_args(argv))
+
+
+COMMANDS = {"build": cmd_build, "run": cmd_run, "validate": cmd_validate, "model": cmd_model,
+            "inspect": cmd_inspect, "report": cmd_report,
+            "distill": cmd_distill, "evaluate": cmd_evaluate}
+
+
+# The user's machine rather than our code failed: disk full, quota, read-only or permission-denied paths, I/O errors.
+# Such an OSError is reported as one line like a CwExportError; any other OSError is a bug and keeps its traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+ENVIRONMENT_ERRNOS = WRITE_ERRNOS | {errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def environment_error_message(exc: OSError) -> str | None:
+    """'no space left on device writing /out/bundle/graphs/low_res.onnx' for an environment OSError, else None."""
+    from ..atomic import final_path
+
+    if exc.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    reason = (exc.strerror or os.strerror(exc.errno)).lower()
+    path = final_path(exc.filename) if exc.filename is not None else "(path unknown)"
+    return f"{reason} writing {path}" if exc.errno in WRITE_ERRNOS else f"{reason}: {path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
+    try:
+        return COMMANDS[command](argv)
+    except (CwExportError, OSError) as exc:
+        message = str(exc) if isinstance(exc, CwExportError) else environment_error_message(exc)
+        if message is None:
+            raise
+        message = " ".join(message.split()) or type(exc).__name__
+        print(f"cw-export: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cw-export: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

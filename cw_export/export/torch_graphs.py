@@ -1,0 +1,70 @@
+"""The FP32 torch side of every exported graph, called like an onnxruntime session (calibration, parity and the
+quantizers run it on the same feeds as the ONNX graph); built from the manifest and the graph registry."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..contract.graphs import ADAPTOR, GRAPHS, TEXT_ENCODER, VAE_DECODER
+
+
+class TorchGraph:
+    """A torch module with an onnxruntime-session-like ``run(output_names, feeds)``: the FP32 reference graph."""
+
+    def __init__(self, module, input_names: list[str], output_names: list[str]) -> None:
+        self.module = module
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = self.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names])
+        out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        values = dict(zip(self.output_names, (t.detach().cpu().numpy() for t in out)))
+        return [values[n] for n in (output_names or self.output_names)]
+
+
+def _keep_inputs(module, call_names: list[str], kept: list[str]):
+    """``module`` taking only the inputs its ONNX graph kept (the exporter drops unused ones, e.g. the text input of
+    a high_res_in without cross-attention); a dropped one gets a placeholder tensor the forward never reads (not
+    None: aimet's tracer cannot follow a submodule called with None)."""
+    import torch
+
+    if call_names == kept:
+        return module
+
+    class KeptInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wrapped = module  # cw_export.quantize.mixed.group_of skips this wrapper level
+            self.register_buffer("unused", torch.zeros(1), persistent=False)
+
+        def forward(self, *args):
+            given = dict(zip(kept, args))
+            return self.wrapped(*[given.get(name, self.unused) for name in call_names])
+
+    return KeptInputs()
+
+
+def torch_graphs(model, manifest: dict, adaptor_state: dict | None = None) -> dict[str, TorchGraph]:
+    """The FP32 torch graph behind every graph of ``manifest`` (UNet side, text encoder, VAE decoder), as
+    session-like objects, each called with the registry's inputs (cw_export.contract.graphs)."""
+    from ..adaptor import build_adaptor, default_adaptor_config
+    from ..split import split_unet
+    from .wrappers import TextEncoderGraph, VaeDecoderGraph
+
+    split = split_unet(model.unet)
+    modules = {**split.graph_modules(), TEXT_ENCODER: TextEncoderGraph(model.text_encoder),
+               VAE_DECODER: VaeDecoderGraph(model.vae)}
+    if ADAPTOR in manifest["graphs"]:
+        config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
+        modules[ADAPTOR] = build_adaptor(config, adaptor_state)
+    graphs = {}
+    for name, module in modules.items():
+        spec = manifest["graphs"][name]
+        kept = [s["name"] for s in spec["inputs"]]
+        call_names = GRAPHS[name].input_names(split.num_skips)
+        graphs[name] = TorchGraph(_keep_inputs(module, call_names, kept), kept, [s["name"] for s in spec["outputs"]])
+    return graphs

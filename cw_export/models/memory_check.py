@@ -1,0 +1,94 @@
+"""Refuse a build that will not fit in memory, before the export starts (resource limits, issue #9).
+
+A build killed by the OOM killer half-way through an export wastes the user's time and says nothing useful, so
+``build`` estimates its peak memory right after the model is loaded and stops with one line naming both numbers
+when the estimate exceeds what the machine (or the container's memory cgroup) has available.
+
+The estimate is a deliberately rough upper-side figure, not a measurement:
+
+    peak ~= RUNTIME_BASE                                   interpreter + torch/onnx/onnxruntime libraries
+          + fp32 weights of every component               the loaded model
+          + EXPORT_COPIES x the largest component's weights  TorchScript graph, serialised proto, onnxsim, ORT session
+          + activations of one batch-2 UNet forward at the latent size
+              (ACTIVATION_TENSORS live feature maps at level 0, plus the level-0 attention maps twice: scores + softmax)
+
+Calibration and distillation stream their data to disk, so they add no term proportional to the prompt count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+
+GIB = 1024**3
+RUNTIME_BASE = 3 * GIB // 2  # libraries + interpreter: a build of the tiny pipeline (7 MB of weights) peaks at
+#                              ~1.3 GiB RSS (/usr/bin/time -v, CPU, torch 2.14)
+EXPORT_COPIES = 2  # extra copies of the largest graph's weights while it is exported and checked: sd15-arch at 512
+#                   measured 11.4 GiB peak (docs/sd15.md), this estimates ~13 GiB
+ACTIVATION_TENSORS = 32  # live level-0 feature maps during a forward (skips, resnet/attention intermediates)
+BATCH = 2  # classifier-free guidance: [uncond, cond]
+FLOAT_BYTES = 4
+MEMINFO = Path("/proc/meminfo")
+CGROUP_DIR = Path("/sys/fs/cgroup")
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _attention_heads(unet) -> int:
+    heads = unet.config.get("num_attention_heads") or unet.config.get("attention_head_dim") or 8
+    return max(heads) if isinstance(heads, (list, tuple)) else int(heads)
+
+
+def estimate_build_peak_bytes(model, latent_hw: tuple[int, int]) -> int:
+    """Rough peak resident memory of building a bundle of ``model`` at latent size ``latent_hw`` (see module doc)."""
+    components = [model.unet, model.text_encoder, model.vae]
+    weights = [_param_bytes(m) for m in components]
+    h, w = latent_hw
+    channels = int(model.unet.config.block_out_channels[0])
+    features = BATCH * channels * h * w * FLOAT_BYTES * ACTIVATION_TENSORS
+    level0_attention = getattr(model.unet.down_blocks[0], "has_cross_attention", False)
+    attention = 2 * BATCH * _attention_heads(model.unet) * (h * w) ** 2 * FLOAT_BYTES if level0_attention else 0
+    return RUNTIME_BASE + sum(weights) + EXPORT_COPIES * max(weights) + features + attention
+
+
+def _meminfo_available(meminfo: Path = MEMINFO) -> int | None:
+    try:
+        for line in meminfo.read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available(cgroup: Path = CGROUP_DIR) -> int | None:
+    """memory.max - memory.current of this process's cgroup v2, if it is limited (containers)."""
+    try:
+        limit = (cgroup / "memory.max").read_text(encoding="ascii").strip()
+        if limit == "max":
+            return None
+        return max(int(limit) - int((cgroup / "memory.current").read_text(encoding="ascii").strip()), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, lowered to the memory cgroup's headroom if that is smaller; None if unknown."""
+    known = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+    return min(known) if known else None
+
+
+def check_build_memory(model, latent_hw: tuple[int, int], available: int | None = None) -> None:
+    """Raise ``InputError`` if the estimated peak exceeds the available memory (no check where it is unknown)."""
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return
+    needed = estimate_build_peak_bytes(model, latent_hw)
+    if needed > available:
+        h, w = latent_hw
+        raise InputError(f"this build needs an estimated {needed / GIB:.1f} GiB of memory but only "
+                         f"{available / GIB:.1f} GiB is available (MemAvailable/cgroup; latent {h}x{w}); "
+                         "free memory or build a smaller --height/--width")

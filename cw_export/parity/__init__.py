@@ -1,0 +1,1 @@
+"""Parity stage: quantized-vs-FP32 numbers measured in onnxruntime (``measure``), the gate, and the build's stage."""

@@ -1,0 +1,80 @@
+"""The build's parity stage: measure the quantized graphs on held-out prompts, gate, and apply the recipe's two
+fallbacks (FP32 for once-per-image graphs, 16-bit activations for swept graphs) before the last, real verdict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..calibrate.stage import prompt_subset, tokenizer_fn
+from ..prompts import prompt_set_hash
+from ..quantize.fallback import A16Fallback, apply_fallbacks, keep_fp32_where_parity_requires
+from ..runtime.sessions import create_session, manifest_session_config
+from .measure import ImageReferences, gate, measure
+
+def heldout_prompts(recipe) -> list[str]:
+    return prompt_subset(recipe.parity.heldout_set, recipe.parity.heldout_prompts, "parity")
+
+
+def image_references(model, manifest: dict, bundle: Path, provider: str = "cpu") -> ImageReferences:
+    """The torch side of image parity (unclocked FP32 pipeline, torch VAE) and the bundle's own VAE decoder."""
+    import torch
+
+    from ..runtime.pipeline import BundleRunner
+    from ..reference import decode_image, torch_trajectory
+
+    decoder = manifest["wiring"]["decode"]["graph"]
+    spec = manifest["graphs"][decoder]
+    session = create_session(bundle / spec["file"], provider, config=manifest_session_config(manifest),
+                             precision=spec.get("precision"))
+    schedule = manifest["schedule"]
+
+    def full_fp32(hidden: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return torch_trajectory(model, torch.from_numpy(hidden), torch.from_numpy(noise), schedule["steps"], 1,
+                                manifest["guidance_scale"], manifest["sampler"]["name"]).latents
+
+    return ImageReferences(full_fp32=full_fp32, decode_fp32=lambda x: decode_image(model, x),
+                           decode_bundle=BundleRunner.from_sessions(manifest, {decoder: session}).decode)
+
+
+PARITY_THRESHOLDS = ("graph_min_sqnr_db", "step_min_psnr_db", "final_latent_min_psnr_db", "guidance_ratio_tolerance",
+                     "image_min_psnr_db", "image_min_ssim")
+
+
+def parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, Path],
+                 allow_low_parity: bool, bundle: Path) -> dict:
+    """Measure parity of the graphs in ``placed`` with the manifest's session settings; gate; record."""
+    config = manifest_session_config(manifest)
+    sessions = {name: create_session(path, config=config) for name, path in placed.items()}
+    prompts = heldout_prompts(recipe)
+    numbers = measure(manifest, graphs, sessions, tokenizer_fn(model), prompts, recipe.parity.seed,
+                      images=image_references(model, manifest, bundle), aggregate=recipe.parity.prompt_aggregate)
+    verdict = gate(numbers, recipe.parity, allow_low_parity)
+    thresholds = {k: v for k, v in asdict(recipe.parity).items() if k in PARITY_THRESHOLDS}
+    manifest["parity"] = {"prompt_set": recipe.parity.heldout_set, "prompts_sha256": prompt_set_hash(prompts),
+                          "session_options": config, "thresholds": thresholds, "gate": verdict, **numbers}
+    return manifest["parity"]
+
+
+def gated_parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, Path], bundle: Path,
+                       fp32_held: dict[str, Path], a16_held: dict[str, A16Fallback], allow_low_parity: bool) -> dict:
+    """Parity gate with the recipe's two fallbacks, each followed by a fresh measurement:
+
+    1. "keep FP32 where parity requires": a text encoder / VAE decoder below the graph floor goes back to its FP32
+       export (``fp32_held``, from ``hold_fp32``), with the measured reason in its entry;
+    2. "8-bit activations wherever the gate allows": a graph the sweep put at 8 bits goes back to 16 bits
+       (``a16_held``, from ``quantize_stage``) when the whole bundle then fails the gate.
+
+    The gate stays open while a fallback may still change the bundle; the last measurement is gated for real."""
+    parity = parity_stage(model, recipe, manifest, graphs, placed,
+                          allow_low_parity or bool(a16_held) or bool(fp32_held), bundle)
+    if keep_fp32_where_parity_requires(manifest, bundle, fp32_held, placed, parity, recipe.parity.graph_min_sqnr_db):
+        parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity or bool(a16_held), bundle)
+    elif fp32_held and not a16_held:  # measured with the gate held open for rule 1 only: gate for real now
+        parity["gate"] = gate(parity, recipe.parity, allow_low_parity)
+    if a16_held and not parity["gate"]["passed"]:
+        apply_fallbacks(manifest, bundle, a16_held, parity["gate"]["failures"])
+        parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity, bundle)
+    return parity

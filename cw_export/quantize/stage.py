@@ -1,0 +1,152 @@
+"""The build's quantize stage: every graph the recipe quantizes, through its backend, with the a8 sensitivity sweep
+(whole graph, then per block: cw_export.quantize.mixed); the 16-bit versions of 8-bit choices are held for the
+parity gate (cw_export.quantize.fallback).
+
+It takes the in-progress bundle folder and its manifest dict, puts the quantized graphs (and encodings) in that folder
+and records each graph's quantization in the manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..calibrate.collect import CalibrationSet
+from ..parity.measure import graph_sqnr
+from ..runtime.sessions import create_session, manifest_session_config
+from . import FP32_REASONS, GraphJob, get_backend, graphs_to_quantize, planned_bits
+from .fallback import A16Fallback, hold_a16, move_graph
+
+SWEEP_SAMPLES = 8  # calibration samples the a8 sensitivity sweep measures each candidate on
+
+
+
+
+def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: CalibrationSet, bundle: Path,
+                   progress: bool, fallback_dir: Path | None = None) -> tuple[dict[str, Path], dict[str, A16Fallback]]:
+    """Quantize every graph the recipe quantizes (``graphs_to_quantize``); returns graph name -> quantized file
+    inside ``bundle``, and (with ``fallback_dir``) the a16 versions of the graphs that went to 8-bit activations,
+    for ``apply_fallbacks``."""
+    from ..progress import progress_bar
+
+    q = recipe.quantization
+    backend = get_backend(q.backend)
+    config = manifest_session_config(manifest)
+    names = graphs_to_quantize(q, manifest["graphs"])
+    placed: dict[str, Path] = {}
+    fallbacks: dict[str, A16Fallback] = {}
+    with tempfile.TemporaryDirectory(prefix="cw-quantize-") as work:
+        work = Path(work)
+        fp32 = work / "fp32"
+        fp32.mkdir()
+        for name in names:  # the FP32 exports move out; the bundle gets the graphs to deploy
+            for f in (bundle / "graphs").glob(f"{name}.onnx*"):
+                shutil.move(str(f), fp32 / f.name)
+        for name in progress_bar(names, enabled=progress, desc="quantize", unit="graph"):
+            graph = graphs[name]
+
+            def run(bits: int):
+                job = GraphJob(name, fp32 / f"{name}.onnx", graph.module, graph.input_names, graph.output_names,
+                               calibration.graphs[name], bits)
+                return backend.quantize_graph(job, q, work / f"a{bits}" / "graphs")
+
+            bits = planned_bits(q, name)
+            reason = (f"a{bits}: recipe activation_bits" if name in q.activation_bits
+                      else "a16: default for graphs the recipe does not name")
+            sweep = None
+            result = None
+            if name in q.a8_candidates:
+                trial = run(8)
+                numbers = _a8_score(trial.file, graph, calibration.graphs[name], config)
+                sweep = {"a8_sqnr_db": numbers["sqnr_db"], "a8_guidance_sqnr_db": numbers.get("guidance_sqnr_db"),
+                         "threshold_db": q.a8_min_sqnr_db, "guidance_threshold_db": q.a8_min_guidance_sqnr_db,
+                         "samples": SWEEP_SAMPLES, "data": "calibration samples"}
+                if a8_margin(numbers, q) >= 0:
+                    bits, result = 8, trial
+                    reason = f"a8: sensitivity sweep {_describe(numbers)} within the recipe's floors"
+                    if fallback_dir is not None:
+                        fallbacks[name] = hold_a16(run(16), name, fallback_dir)
+                else:
+                    bits = 16
+                    reason = f"a16: 8-bit activations gave {_describe(numbers)}, below the recipe's floors"
+                    if q.a8_layer_sweep != "off":
+                        result = run(16)
+                        held = hold_a16(result, name, fallback_dir) if fallback_dir is not None else None
+                        layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q)
+                        sweep["layers"] = layers.as_dict()
+                        if layers.a8_groups:
+                            bits = "8+16"
+                            if held is not None:
+                                fallbacks[name] = held
+                            reason = (f"a8 in {len(layers.a8_groups)} of {len(layers.margin_db)} "
+                                      f"{q.a8_layer_sweep}s, a16 elsewhere: the per-{q.a8_layer_sweep} sweep keeps "
+                                      f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})")
+                        else:
+                            reason += f"; no {q.a8_layer_sweep} keeps the floors at 8 bits on its own"
+            if result is None:
+                result = run(bits)
+            external = move_graph(result.file, bundle / "graphs", name)
+            encodings = None
+            if result.encodings is not None:
+                (bundle / "encodings").mkdir(exist_ok=True)
+                for f in result.encodings.parent.glob(f"{name}.*"):
+                    shutil.move(str(f), bundle / "encodings" / f.name)
+                encodings = f"encodings/{result.encodings.name}"
+            placed[name] = bundle / "graphs" / f"{name}.onnx"
+            entry = manifest["graphs"][name]
+            entry.update({"precision": f"w{q.weight_bits}a{bits}", "external_data": external, "quantization": {
+                "backend": q.backend, "weight_bits": q.weight_bits, "weights": "per-channel symmetric int",
+                "activation_bits": bits, "activations": "asymmetric, min-max calibrated", "reason": reason,
+                "sweep": sweep, "encodings": encodings, "details": result.details}})
+    for name, entry in manifest["graphs"].items():
+        if name not in placed:
+            entry["quantization"] = {"backend": None, "reason": FP32_REASONS.get(name, "FP32: not quantized")}
+    return placed, fallbacks
+
+
+
+def _a8_score(path: Path, graph, data, config: dict) -> dict:
+    """SQNR and guidance SQNR of a candidate QDQ graph on the sweep's calibration samples."""
+    return graph_sqnr(create_session(path, config=config), graph, data.subset(SWEEP_SAMPLES))
+
+
+def a8_margin(numbers: dict, q) -> float:
+    """dB above the recipe's a8 floors (negative: below one of them); the cond - uncond SQNR is checked because
+    classifier-free guidance multiplies that difference (a 30 dB graph still broke the guidance gate when its
+    cond - uncond difference was noisy)."""
+    margin = numbers["sqnr_db"] - q.a8_min_sqnr_db
+    if q.a8_min_guidance_sqnr_db > 0 and "guidance_sqnr_db" in numbers:
+        margin = min(margin, numbers["guidance_sqnr_db"] - q.a8_min_guidance_sqnr_db)
+    return margin
+
+
+def _describe(numbers: dict) -> str:
+    text = f"SQNR {numbers['sqnr_db']:.2f} dB"
+    if "guidance_sqnr_db" in numbers:
+        text += f", cond-uncond SQNR {numbers['guidance_sqnr_db']:.2f} dB"
+    return text
+
+
+def _layer_sweep(a16, a8, graph, data, config: dict, q):
+    """Per-layer mixed precision (cw_export.quantize.mixed); rewrites ``a16`` in place into the mixed graph and
+    its encodings when some layers can go to 8 bits."""
+    import json
+
+    from .mixed import merge_encodings, sweep
+
+    def score(path: Path) -> tuple[float, dict]:
+        numbers = _a8_score(path, graph, data, config)
+        return a8_margin(numbers, q), numbers
+
+    layers, mixed_file = sweep(a16.file, a8.file, score, depth=q.a8_layer_sweep)
+    if mixed_file is not None:
+        mixed_file.replace(a16.file)
+        if a16.encodings is not None and a8.encodings is not None:
+            base = json.loads(a16.encodings.read_text(encoding="utf-8"))
+            donor = json.loads(a8.encodings.read_text(encoding="utf-8"))
+            merged = merge_encodings(base, donor, layers.a8_tensors)
+            a16.encodings.write_text(json.dumps(merged, indent=1), encoding="utf-8")
+    return layers
+
+

@@ -1,0 +1,41 @@
+"""``cw-export validate``: every check of a bundle, run and reported in one table before the verdict, so a user sees
+all problems at once:
+  integrity  sha256 of every file, ONNX checker, graph I/O vs the manifest, wiring (``integrity``)
+  lint       AIMET encodings vs ONNX tensors, QDQ pairs, bit widths, opsets, context binaries (``lint``)
+  parity     re-measured against the source model when it is reachable (``parity``)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CwExportError
+from .check import Check
+from .integrity import integrity_checks, wiring_check
+from .lint import encodings_checks, lint_checks
+
+
+def static_checks(bundle: Path, manifest: dict) -> list[Check]:
+    """Integrity, then the lint and the wiring (only when every file is the one the manifest lists)."""
+    checks = integrity_checks(bundle, manifest)
+    if not checks[0].ok:
+        return checks
+    checks += encodings_checks(bundle, manifest)
+    unreadable = {name for name in manifest["graphs"] if any(c.name == f"{name} onnx" for c in checks)}
+    checks += lint_checks(bundle, manifest, skip=unreadable)
+    checks.append(wiring_check(manifest))
+    return checks
+
+
+def validate_bundle(bundle: Path, manifest: dict, parity: bool = True, provider: str = "cpu",
+                    record: bool = False) -> list[Check]:
+    """Every check of ``bundle``; parity only when the static checks pass (``record``: see ``validate.parity``)."""
+    from .parity import parity_checks
+
+    checks = static_checks(bundle, manifest)
+    if all(c.ok for c in checks) and parity:
+        try:
+            checks += parity_checks(bundle, manifest, provider, record)
+        except CwExportError as exc:
+            checks.append(Check("parity", False, str(exc)))
+    return checks
