@@ -99,8 +99,13 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
     """Scoped patches of the build's stage functions; all undone on exit."""
     import torch
 
-    from cw_export import build, export
-    from cw_export.quantize import stages as quant_stages
+    from cw_export import build
+    from cw_export.bundle import writer
+    from cw_export.calibrate import stage as calibrate_stage
+    from cw_export.export import stage as export_stage
+    from cw_export.export import to_onnx as export
+    from cw_export.parity import stage as parity_stage
+    from cw_export.quantize import stage as quantize_stage
 
     check = getattr(build, "check_build_memory", None)
     if check is not None:  # record the build's own up-front estimate beside the measured peak
@@ -118,22 +123,21 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
     undo = [
         _wrap(timeline, build, "load_model", "load model (random init + weights hash)"),
         _wrap(timeline, build, "export_all", "export all graphs"),
-        _wrap(timeline, build, "example_inputs", "  example inputs (text encoder + first step)"),
-        _wrap(timeline, build, "export_graph", lambda module, inputs, outputs, path, **kw: f"  graph {path.stem}"),
+        _wrap(timeline, export_stage, "example_inputs", "  example inputs (text encoder + first step)"),
+        _wrap(timeline, export_stage, "export_graph", lambda module, inputs, outputs, path, **kw: f"  graph {path.stem}"),
         _wrap(timeline, torch.onnx, "export", "    torch.onnx.export (trace + serialise)"),
         _wrap(timeline, export, "_simplify_in_place", "    onnxsim"),
         _wrap(timeline, export, "_save", "    re-save as external data"),
         _wrap(timeline, export, "measure_parity", "    onnxruntime parity run"),
         _wrap(timeline, build, "quantize_bundle", "quantize (INT8 targets)"),
-        _wrap(timeline, quant_stages, "calibrate_stage", "  calibration trajectories (torch FP32)"),
-        _wrap(timeline, quant_stages, "quantize_stage", "  quantize graphs (+ 8/16-bit sweep)"),
-        _wrap(timeline, quant_stages, "parity_stage", "  parity gate (held-out trajectories in onnxruntime)"),
+        _wrap(timeline, calibrate_stage, "calibrate_stage", "  calibration trajectories (torch FP32)"),
+        _wrap(timeline, quantize_stage, "quantize_stage", "  quantize graphs (+ 8/16-bit sweep)"),
+        _wrap(timeline, parity_stage, "parity_stage", "  parity gate (held-out trajectories in onnxruntime)"),
         _wrap(timeline, build, "write_tokenizer_files", "tokenizer files"),
-        _wrap(timeline, build, "build_manifest", "manifest"),
-        _wrap(timeline, build, "list_files", "sha256 of every file"),
+        _wrap(timeline, build, "base_manifest", "manifest"),
+        _wrap(timeline, writer, "list_files", "sha256 of every file"),
     ]
-    if hasattr(build, "write_report"):
-        undo.append(_wrap(timeline, build, "write_report", "report.html"))
+    undo.append(_wrap(timeline, writer, "write_report", "report.html"))
     try:
         yield
     finally:

@@ -13,9 +13,11 @@ import os
 from pathlib import Path
 
 from ..errors import BundleError
+from .schema import Manifest, parse_manifest
 
 SCHEMA_VERSION = 2  # 2: high_res_in reads "time_features" (manifest["time_features"]) instead of the timestep
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # the SD 1.5 manifest is ~0.2 MiB; a larger one is not read into memory
 SELF_HASH_KEY = "manifest_sha256"  # sha256 of the manifest's canonical bytes without this key: covers manifest.json
 
 
@@ -66,17 +68,27 @@ def list_files(bundle: Path) -> dict[str, dict]:
 
 
 def read_manifest(bundle: str | os.PathLike) -> dict:
-    """Load and schema-check manifest.json; any problem is a one-line BundleError."""
+    """Load manifest.json and check every field the runtime reads (``load_manifest``); returns the JSON object."""
+    return load_manifest(bundle).raw
+
+
+def load_manifest(bundle: str | os.PathLike) -> Manifest:
+    """The typed manifest of a bundle folder; any problem is a one-line BundleError."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise BundleError(f"bundle folder not found: {bundle}")
     path = bundle / MANIFEST_NAME
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise BundleError(f"{bundle}: {MANIFEST_NAME} is not a regular file")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{bundle}: {MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"not a bundle (no {MANIFEST_NAME}): {bundle}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"corrupt {MANIFEST_NAME} in {bundle}: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        what = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise BundleError(f"corrupt {MANIFEST_NAME} in {bundle}: {what}") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"corrupt {MANIFEST_NAME} in {bundle}: not a JSON object")
     version = manifest.get("schema_version")
@@ -86,7 +98,7 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
         if key not in manifest:
             raise BundleError(f"{bundle}: manifest lacks '{key}'")
     _check_tables(bundle, manifest)
-    return manifest
+    return parse_manifest(manifest, str(bundle))
 
 
 def _inside(rel: object) -> bool:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cw_export import flops
+from cw_export.bundle import flops
 from cw_export.cli import main
 
 # PAPER.md "Split": SD 1.5 at 512², batch 1. DeepSpeed (conv + linear): full 677.8, high-res + identity 228.4 GFLOPs;

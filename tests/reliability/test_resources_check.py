@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cw_export import resources_check as rc
+from cw_export.models import memory_check as rc
 from cw_export.errors import InputError
 
 
