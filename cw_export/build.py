@@ -46,7 +46,7 @@ class BuildOptions:
     adaptor_checkpoint: Path | None = None
     progress: bool = True
     allow_low_parity: bool = False  # write a quantized bundle even if it misses the recipe's parity thresholds
-    socs: tuple[str, ...] = ()  # --soc: compile QNN context binaries for these SoCs (cw_export.quantize.qnn.context_binaries)
+    socs: tuple[str, ...] = ()  # --soc: QNN context binaries for these SoCs (cw_export.quantize.qnn.context_binaries)
     # no --adaptor given: a model that ships a distilled adaptor fitting this schedule and these weights (the built-in
     # shapes model) builds with it; otherwise the recipe's adaptor. Measured on shapes, clock 2: prompt accuracy 76.7%
     # with its learned adaptor, 30.8% with the identity one (docs/builtin_model.md)

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .models.source import source_model_reachable, source_model_spec
 from .runtime.image import image_grid
+from .runtime.noise import seeded_noise
 from .runtime.pipeline import BundleRunner
 
 MAX_GRID_PROMPTS = 16
@@ -55,19 +57,18 @@ def make_grid(bundle: str | Path, prompts: list[str], seed: int, source_model=No
     manifest = base.manifest
     if manifest["adaptor"]["kind"] != "identity":
         raise InputError("the grid's torch clockwork column supports the identity adaptor only for now")
-    source = manifest["source_model"]
     if source_model is None:
-        spec = source.get("path") if source.get("kind") == "folder" else source.get("name")
-        if source.get("kind") == "folder" and not Path(spec).is_dir():
-            raise InputError(f"the grid's FP32 columns need the source model, not reachable at {spec}")
-        source_model = load_model(spec)
+        if not source_model_reachable(manifest):
+            raise InputError(f"the grid's FP32 columns need the source model, not reachable at "
+                             f"{source_model_spec(manifest)}")
+        source_model = load_model(source_model_spec(manifest))
     schedule = manifest["schedule"]
     runners = _bundle_columns(bundle, manifest)
     columns = ["full fp32 (torch)", f"clockwork fp32 (torch, clock {schedule['clock']})", *runners]
     rows = []
     for k, prompt in enumerate(prompts):
         hidden, pooled = text_embeddings(source_model, prompt)
-        noise = np.random.default_rng(seed + k).standard_normal(base.latent_shape(), dtype=np.float32)
+        noise = seeded_noise(base.latent_shape(), seed + k)
         row = []
         for clock in (1, schedule["clock"]):
             ref = torch_trajectory(source_model, hidden, torch.from_numpy(noise), schedule["steps"], clock,

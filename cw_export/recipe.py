@@ -113,7 +113,8 @@ TOP_LEVEL = {"name", "description", "schema_version", *SECTIONS}
 
 
 PROMPT_AGGREGATES = ("median", "pooled")  # cw_export.parity.measure.AGGREGATES (kept here: recipes load without numpy)
-DATA_FILES = {"socs"}  # recipes/ also holds tables that are not targets (socs.toml: cw_export.quantize.qnn.context_binaries)
+# recipes/ also holds tables that are not targets (socs.toml: cw_export.quantize.qnn.context_binaries)
+DATA_FILES = {"socs"}
 
 
 def available_targets() -> list[str]:

@@ -2,7 +2,8 @@
 
 Sections (each is present even when it has nothing to show, and says so):
   1. summary        — target, source model, image/latent size, schedule, sampler, adaptor
-  2. flops          — params and FLOPs per graph (ONNX count, cw_export.bundle.flops) and UNet FLOPs per denoising step
+  2. flops          — params and FLOPs per graph (ONNX count, cw_export.bundle.flops) and UNet FLOPs per
+                     denoising step
   3. parity-curves  — per-step latent PSNR and guidance ratio std(cond-uncond) vs FP32, per precision/provider
                       (from the manifest's ``parity`` section, which quantized bundles carry; absent for FP32)
   4. parity-table   — per graph: FP32 ORT vs torch (build-time export check) and, where quantized, SQNR

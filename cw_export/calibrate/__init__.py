@@ -1,1 +1,2 @@
-"""Calibrate stage: FP32 trajectories on prompts captured as per-graph samples (``collect``); the build's stage (``stage``)."""
+"""Calibrate stage: FP32 trajectories on prompts captured as per-graph samples (``collect``); the build's stage
+(``stage``)."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..cache import META_NAME, cache_root, cached_entry
 from ..contract.schedule import step_kinds
+from ..runtime.noise import seeded_noise
 from ..runtime.pipeline import BundleRunner
 
 CALIBRATION_FORMAT = 3  # bump when the on-disk layout or the capture changes: old cache entries are then ignored
@@ -48,8 +49,8 @@ def graph_outputs(manifest: dict, graph: str, slots: dict) -> dict[str, np.ndarr
 
 
 def unit_noise(shape: list[int], seed: int) -> np.ndarray:
-    """The initial unit Gaussian noise of one trajectory (numpy PCG64, as ``cw-export run --seed``)."""
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    """The initial unit Gaussian noise of one trajectory (``cw-export run --seed``'s draw)."""
+    return seeded_noise(shape, seed)
 
 
 # -- which samples to keep -----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """What the learned adaptor costs next to the UNet it shortcuts: parameters and MACs, batch 1.
 
-Counted with ``torch.utils.flop_counter.FlopCounterMode`` through ``cw_export.bundle.flops.count_module`` (the project's one
-counting convention: convolutions, linear layers and attention matmuls; norms and activations are not counted),
+Counted with ``torch.utils.flop_counter.FlopCounterMode`` through ``cw_export.bundle.flops.count_module`` (the
+project's one counting convention: convolutions, linear layers and attention matmuls; norms and activations are not
+counted),
 on the meta device, so SD 1.5's 860M-parameter UNet costs shapes only, no weights. MACs = FLOPs / 2.
 PAPER.md "Adaptor": ~14M params and ~1% of a step's FLOPs for the paper's ResNet adaptor.
 """

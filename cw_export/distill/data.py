@@ -42,7 +42,9 @@ def adaptor_steps(steps: int, clock: int) -> list[int]:
 
 def unit_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Initial unit Gaussian noise of one trajectory (numpy PCG64, the same draw as ``cw-export run --seed``)."""
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    from ..runtime.noise import seeded_noise
+
+    return seeded_noise(shape, seed)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CwExportError, InputError
+from ..models.source import source_model_spec
 
 REAL = "real"
 FULL_FP32 = "full_fp32"
@@ -168,7 +169,7 @@ def evaluate_bundle(bundle: str | Path, captions: list[str], providers: tuple[st
     manifest = runner.manifest
     check_shapes_bundle(bundle, manifest)
     source = manifest["source_model"]
-    model = load_model(source["name"] if source.get("kind") == "builtin" else source["path"])
+    model = load_model(source_model_spec(manifest))
     if model.source.get("sha256") != source.get("sha256"):
         raise InputError(f"the {source.get('name') or source.get('path')} model changed since bundle {bundle} was "
                          "built (weights sha256 differs); rebuild the bundle to compare it with FP32")

@@ -30,8 +30,9 @@ def initial_noise(model, n: int, seed: int, height: int | None = None, width: in
 def runtime_noise(shape: list[int] | tuple[int, ...], n: int, seed: int) -> np.ndarray:
     """N x C x h x w float32 unit noise; image i is what ``cw-export run --seed (seed + i)`` draws for ``shape``
     [1, C, h, w] (numpy PCG64), so any evaluated bundle image can be regenerated with the run command."""
-    return np.concatenate([np.random.default_rng(seed + i).standard_normal(tuple(shape), dtype=np.float32)
-                           for i in range(n)])
+    from ..runtime.noise import seeded_noise
+
+    return np.concatenate([seeded_noise(shape, seed + i) for i in range(n)])
 
 
 def _pipeline(model, sampler: str = "dpmpp_2m"):

@@ -25,6 +25,8 @@ import math
 import numpy as np
 import torch
 
+from ..runtime.image import psnr
+
 SITES = ("r_out", "skips", "high_res_up")
 LOW_RES_SITES = ("r_out",)
 PAPER_ALPHA = 0.3
@@ -79,11 +81,6 @@ def perturbed_latents(model, split, hidden: torch.Tensor, noise: torch.Tensor, s
     return latents.numpy()
 
 
-def _psnr(reference: np.ndarray, actual: np.ndarray, peak: float) -> float:
-    mse = float(np.mean((reference.astype(np.float64) - actual.astype(np.float64)) ** 2))
-    return 999.0 if mse == 0 else float(10 * np.log10(peak**2 / mse))
-
-
 def sensitivity_sweep(model, captions: list[str], steps: int = 8, sites: tuple[str, ...] = SITES,
                       alpha: float = PAPER_ALPHA, guidance_scale: float = 7.5, seed: int = 0,
                       on_run=None) -> dict:
@@ -118,8 +115,8 @@ def sensitivity_sweep(model, captions: list[str], steps: int = 8, sites: tuple[s
             latents = perturbed_latents(model, split, hidden, noise, steps, site, step, alpha, guidance_scale,
                                         seed=seed * 1000 + step)
             images = decode(model, torch.from_numpy(latents))
-            rows["latent_psnr_db"].append(round(_psnr(reference, latents, peak), 3))
-            rows["image_psnr_db"].append(round(_psnr(ref_images, images, 1.0), 3))
+            rows["latent_psnr_db"].append(round(psnr(reference, latents, peak), 3))
+            rows["image_psnr_db"].append(round(psnr(ref_images, images, 1.0), 3))
             rows["prompt_accuracy"].append(evaluate_images(images, captions, classifier=classifier)["prompt_accuracy"])
             if on_run is not None:
                 on_run(site, step)

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import torch
 
-from ..adaptor import build_adaptor, default_adaptor_config
 from ..atomic import pause_point
-from ..contract.graphs import BATCH
+from ..contract.graphs import BATCH, GRAPHS, HIGH_RES_IN
 from ..errors import ParityError
 from ..models.pipeline import SDModel
 from ..progress import progress_bar
 from ..recipe import Recipe
 from ..split import split_unet
 from .to_onnx import ExportResult, export_graph
-from .wrappers import TextEncoderGraph, VaeDecoderGraph
+from .torch_graphs import graph_modules
 
 EXAMPLE_PROMPT = "a red triangle on the left of a blue square"
 
@@ -37,36 +36,24 @@ def example_inputs(model: SDModel, split, latent_h: int, latent_w: int, table: d
 
 def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tuple[int, int], table: dict,
                adaptor_state: dict | None, progress: bool) -> tuple[dict[str, ExportResult], int]:
-    """Export text_encoder, high_res_in, low_res, high_res_out (and the learned adaptor)."""
+    """Export every graph of the registry this bundle holds (cw_export.contract.graphs), each fed the example
+    slots named by its registry inputs and asked for its registry outputs."""
     split = split_unet(model.unet)
     ex = example_inputs(model, split, *latent_hw_, table)
     ehs = ex["encoder_hidden_states"]
-    parts = split.graph_modules()
+    modules = graph_modules(model, split, recipe.build.adaptor, adaptor_state)
     with torch.no_grad():
-        temb, r_in, *skips = parts["high_res_in"](ex["sample"], ex["time_features"], ehs)
+        temb, r_in, *skips = modules[HIGH_RES_IN](ex["sample"], ex["time_features"], ehs)
         r_out = split.low_res(r_in, temb, ehs)
-    skip_inputs = dict(zip(split.skip_names, skips))
-    jobs = {
-        "text_encoder": (TextEncoderGraph(model.text_encoder), {"input_ids": ex["input_ids"]},
-                         ["encoder_hidden_states", "pooled_text"]),
-        "high_res_in": (parts["high_res_in"], {"sample": ex["sample"], "time_features": ex["time_features"],
-                                               "encoder_hidden_states": ehs}, ["temb", "r_in", *split.skip_names]),
-        "low_res": (parts["low_res"], {"r_in": r_in, "temb": temb, "encoder_hidden_states": ehs}, ["r_out"]),
-        "high_res_out": (parts["high_res_out"], {"r_out": r_out, "temb": temb, "encoder_hidden_states": ehs,
-                                                 **skip_inputs}, ["noise_pred"]),
-        "vae_decoder": (VaeDecoderGraph(model.vae), {"latents": ex["sample"][:1] / table["init_noise_sigma"]},
-                        ["image"]),
-    }
-    if recipe.build.adaptor == "learned":
-        config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
-        adaptor = build_adaptor(config, adaptor_state)
-        jobs["adaptor"] = (adaptor, {"r_in": r_in, "r_out_prev": r_out, "temb": temb,
-                                     "pooled_text": ex["pooled_text"]}, ["r_out"])
+    slots = {**ex, "temb": temb, "r_in": r_in, "r_out": r_out, "r_out_prev": r_out,
+             **dict(zip(split.skip_names, skips)), "latents": ex["sample"][:1] / table["init_noise_sigma"]}
     results = {}
-    bar = progress_bar(jobs.items(), enabled=progress, desc="export", unit="graph")
-    for name, (module, inputs, outputs) in bar:
+    bar = progress_bar(modules.items(), enabled=progress, desc="export", unit="graph")
+    for name, module in bar:
         bar.set_postfix_str(name)
-        results[name] = export_graph(module, inputs, outputs, graphs_dir / f"{name}.onnx",
+        spec = GRAPHS[name]
+        inputs = {slot: slots[slot] for slot in spec.input_names(split.num_skips)}
+        results[name] = export_graph(module, inputs, spec.output_names(split.num_skips), graphs_dir / f"{name}.onnx",
                                      opset=recipe.export.opset, simplify=recipe.export.simplify)
         pause_point("export")
     return results, split.num_skips

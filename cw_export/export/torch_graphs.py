@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..contract.graphs import ADAPTOR, GRAPHS, TEXT_ENCODER, VAE_DECODER
+from ..contract.graphs import ADAPTOR, GRAPHS, TEXT_ENCODER, VAE_DECODER, graph_names
 
 
 class TorchGraph:
@@ -48,21 +48,29 @@ def _keep_inputs(module, call_names: list[str], kept: list[str]):
     return KeptInputs()
 
 
+def graph_modules(model, split, adaptor_kind: str, adaptor_state: dict | None = None) -> dict:
+    """The torch module behind each graph of the registry a bundle with ``adaptor_kind`` holds, by graph name: the
+    split's three UNet parts, the text encoder and VAE decoder wrappers, and the learned adaptor."""
+    from ..adaptor import build_adaptor, default_adaptor_config
+    from .wrappers import TextEncoderGraph, VaeDecoderGraph
+
+    modules = {**split.graph_modules(), TEXT_ENCODER: TextEncoderGraph(model.text_encoder),
+               VAE_DECODER: VaeDecoderGraph(model.vae)}
+    if adaptor_kind == "learned":
+        config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
+        modules[ADAPTOR] = build_adaptor(config, adaptor_state)
+    return {name: modules[name] for name in graph_names(adaptor_kind)}
+
+
 def torch_graphs(model, manifest: dict, adaptor_state: dict | None = None) -> dict[str, TorchGraph]:
     """The FP32 torch graph behind every graph of ``manifest`` (UNet side, text encoder, VAE decoder), as
     session-like objects, each called with the registry's inputs (cw_export.contract.graphs)."""
-    from ..adaptor import build_adaptor, default_adaptor_config
     from ..split import split_unet
-    from .wrappers import TextEncoderGraph, VaeDecoderGraph
 
     split = split_unet(model.unet)
-    modules = {**split.graph_modules(), TEXT_ENCODER: TextEncoderGraph(model.text_encoder),
-               VAE_DECODER: VaeDecoderGraph(model.vae)}
-    if ADAPTOR in manifest["graphs"]:
-        config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
-        modules[ADAPTOR] = build_adaptor(config, adaptor_state)
+    kind = "learned" if ADAPTOR in manifest["graphs"] else "identity"
     graphs = {}
-    for name, module in modules.items():
+    for name, module in graph_modules(model, split, kind, adaptor_state).items():
         spec = manifest["graphs"][name]
         kept = [s["name"] for s in spec["inputs"]]
         call_names = GRAPHS[name].input_names(split.num_skips)

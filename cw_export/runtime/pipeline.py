@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..contract.graphs import TEXT_OUTPUTS
 from ..errors import InputError
 from . import schedulers
 from ..contract.manifest import load_verified
@@ -23,7 +24,6 @@ from .sessions import check_provider, create_session, manifest_session_config
 from .time_features import sinusoidal_time_features
 
 StepHook = Callable[[int, str, dict], None]
-TEXT_OUTPUTS = ("encoder_hidden_states", "pooled_text")  # the text encoder graph's outputs, in this order
 
 
 @dataclass

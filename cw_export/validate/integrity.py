@@ -26,7 +26,8 @@ def integrity_checks(bundle: Path, manifest: dict) -> list[Check]:
     import onnx
 
     problems = verify_bundle(bundle, manifest)
-    checks = [Check("files sha256", not problems, "; ".join(problems) if problems else f"{len(manifest['files'])} files")]
+    checks = [Check("files sha256", not problems,
+                    "; ".join(problems) if problems else f"{len(manifest['files'])} files")]
     if problems:
         return checks
     for name, graph in sorted(manifest["graphs"].items()):

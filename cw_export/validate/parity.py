@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.manifest import read_manifest
+from ..models.source import source_model_reachable, source_model_spec
+from ..runtime.noise import seeded_noise
 from .check import Check
 
 def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: bool = False) -> list[Check]:
@@ -22,17 +24,16 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: b
     from ..runtime.pipeline import BundleRunner
 
     source = manifest["source_model"]
-    spec = source.get("name") if source.get("kind") == "builtin" else source.get("path")
-    if spec is None or (source.get("kind") == "folder" and not Path(spec).is_dir()):
-        return [Check("parity", True, f"skipped: source model not reachable ({spec})")]
-    model = load_model(spec)
+    if not source_model_reachable(manifest):
+        return [Check("parity", True, f"skipped: source model not reachable ({source_model_spec(manifest)})")]
+    model = load_model(source_model_spec(manifest))
     if model.source.get("sha256") != source.get("sha256"):
         return [Check("source model hash", False, "source model changed since the bundle was built")]
     if "parity" in manifest:  # quantized bundle: re-measure its recorded numbers, re-check its gate
         return quantized_parity_checks(bundle, manifest, model, provider, record)
     runner = BundleRunner(bundle, provider=provider, verify=False)
     hidden, pooled = text_embeddings(model, "a red triangle on the left")
-    noise = np.random.default_rng(0).standard_normal(runner.latent_shape(), dtype=np.float32)
+    noise = seeded_noise(runner.latent_shape(), 0)
     schedule = manifest["schedule"]
     checks = []
     if manifest["adaptor"]["kind"] == "identity":
@@ -41,7 +42,8 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: b
                                manifest["guidance_scale"], manifest["sampler"]["name"])
         rel = float(np.max(np.abs(ours.latents - ref.latents)) / max(np.max(np.abs(ref.latents)), 1e-12))
         limit = manifest["recipe"]["parity"]["graph_max_rel_diff"] * 10
-        checks.append(Check("trajectory vs torch", rel <= limit, f"final latents max rel diff {rel:.2e} (limit {limit:.0e})"))
+        checks.append(Check("trajectory vs torch", rel <= limit,
+                            f"final latents max rel diff {rel:.2e} (limit {limit:.0e})"))
     return checks
 
 
