@@ -42,6 +42,9 @@ class GraphCost:
     conv_flops: int
     linear_flops: int
     attention_flops: int
+    # FLOPs of the counted nodes whose activation inputs are all 8-bit (each comes from a DequantizeLinear with an
+    # 8-bit zero point): what runs at the NPU's 8-bit rate. Counted from ONNX graphs only (None from torch).
+    a8_flops: int | None = None
 
     @property
     def flops(self) -> int:
@@ -51,8 +54,20 @@ class GraphCost:
     def conv_linear_flops(self) -> int:
         return self.conv_flops + self.linear_flops
 
+    @property
+    def a8_mac_share(self) -> float | None:
+        """Share of the graph's MACs with 8-bit activation inputs (None when not counted)."""
+        if self.a8_flops is None:
+            return None
+        return round(self.a8_flops / self.flops, 4) if self.flops else 0.0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "flops": self.flops, "conv_linear_flops": self.conv_linear_flops}
+        data = {**asdict(self), "flops": self.flops, "conv_linear_flops": self.conv_linear_flops}
+        if self.a8_flops is None:
+            del data["a8_flops"]
+        else:
+            data["a8_mac_share"] = self.a8_mac_share
+        return data
 
 
 # --- torch side ---------------------------------------------------------------------------------------------------
@@ -214,6 +229,32 @@ def _counted_nodes_known(graph, shapes) -> bool:
 
 
 COUNTED_ONNX_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+EIGHT_BIT_TYPES = (2, 3)  # onnx TensorProto UINT8, INT8
+
+
+def _zero_point_types(graph) -> dict[str, int]:
+    """Element type of every tensor a DequantizeLinear can take as its zero point (initializers, Constant nodes)."""
+    types = {init.name: init.data_type for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    types[node.output[0]] = attribute.t.data_type
+    return types
+
+
+def eight_bit_activations(graph, constant: set[str]) -> set[str]:
+    """Activation tensors (not computable from weights alone) produced by a DequantizeLinear of an 8-bit value:
+    its zero point is UINT8/INT8, or absent (ONNX's default zero point is uint8)."""
+    zero_points = _zero_point_types(graph)
+    found = set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.output[0] in constant:
+            continue
+        zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if zero_point is None or zero_points.get(zero_point) in EIGHT_BIT_TYPES:
+            found.add(node.output[0])
+    return found
 
 
 def count_onnx(path: Path) -> GraphCost:
@@ -233,11 +274,13 @@ def count_onnx(path: Path) -> GraphCost:
         graph = SymbolicShapeInference.infer_shapes(model, auto_merge=True).graph
         shapes = _shapes(graph)
     constant = _constants(graph)
-    conv = linear = attention = 0
+    eight_bit = eight_bit_activations(graph, constant)
+    conv = linear = attention = a8 = 0
     for node in graph.node:
         op = node.op_type
         if op not in COUNTED_ONNX_OPS:
             continue
+        before = conv + linear + attention
         dims = [shapes.get(name) for name in list(node.input[:2]) + [node.output[0]]]
         if any(d is None or any(v < 0 for v in d) for d in dims):
             raise BundleError(f"{path.name}: node {node.name or op} has unknown shapes; cannot count its FLOPs")
@@ -253,11 +296,14 @@ def count_onnx(path: Path) -> GraphCost:
                 linear += macs
             else:
                 attention += macs
+        activations = [name for name in node.input[:2] if name and name not in constant]
+        if activations and all(name in eight_bit for name in activations):
+            a8 += conv + linear + attention - before
     params = sum(_prod(init.dims) for init in graph.initializer
                  if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(init.dims) >= 1)
     batch = shapes[graph.input[0].name][0] or 1
     return GraphCost(params=params, conv_flops=2 * conv // batch, linear_flops=2 * linear // batch,
-                     attention_flops=2 * attention // batch)
+                     attention_flops=2 * attention // batch, a8_flops=2 * a8 // batch)
 
 
 def count_bundle(bundle: Path, manifest: dict) -> dict[str, GraphCost]:
@@ -285,8 +331,14 @@ def schedule_costs(costs: dict[str, GraphCost], step_graphs: dict[str, list[str]
         return {"full_flops": full, "clocked_flops": clocked, "saving_pct": round(saving, 2),
                 "full_flops_cfg": CFG_BATCH * full, "clocked_flops_cfg": CFG_BATCH * clocked}
 
-    return {"steps": steps, "clock": clock, "step_kinds": kinds, **totals("flops"),
-            "conv_linear": totals("conv_linear_flops"), "per_step": per_step}
+    result = {"steps": steps, "clock": clock, "step_kinds": kinds, **totals("flops"),
+              "conv_linear": totals("conv_linear_flops"), "per_step": per_step}
+    loop = {n for names in step_graphs.values() for n in names if n in costs}
+    if loop and all(costs[n].a8_flops is not None for n in loop):  # counted from ONNX graphs
+        a8 = sum(_sum(costs, step_graphs[kind], "a8_flops") for kind in kinds)
+        result["a8_mac_share"] = round(a8 / result["clocked_flops"], 4) if result["clocked_flops"] else 0.0
+        result["a8_flops"] = a8
+    return result
 
 
 def inspect_report(costs: dict[str, GraphCost], step_graphs: dict[str, list[str]], steps: int, clock: int,
@@ -330,10 +382,24 @@ def format_report(report: dict) -> str:
     lines.append(f"with classifier-free guidance (batch {CFG_BATCH}): {_human(s['full_flops_cfg'])} -> "
                  f"{_human(s['clocked_flops_cfg'])}; conv+linear {_human(cl['full_flops_cfg'])} -> "
                  f"{_human(cl['clocked_flops_cfg'])}")
+    if a8_share_text(report):
+        lines.append(a8_share_text(report) + ".")
     return "\n".join(lines)
 
 
 # --- entry points -------------------------------------------------------------------------------------------------
+def a8_share_text(report: dict) -> str:
+    """One sentence on the 8-bit activation share of an inspect report counted from ONNX graphs ('' otherwise)."""
+    share = report["schedule"].get("a8_mac_share")
+    if share is None:
+        return ""
+    loop = [n for kind in ("full", "clocked") for n in report["schedule"]["per_step"][kind]["graphs"]]
+    per_graph = ", ".join(f"{n} {100 * report['graphs'][n]['a8_mac_share']:.1f}%" for n in dict.fromkeys(loop))
+    return (f"{100 * share:.1f}% of the UNet's MACs per image (Conv/ConvTranspose/MatMul/Gemm of the denoising-loop "
+            f"graphs, weighted by the clock schedule) take 8-bit activation inputs (per graph: {per_graph}); the "
+            "rest take 16-bit or float inputs")
+
+
 def inspect_bundle(bundle: Path, steps: int | None = None, clock: int | None = None) -> dict:
     from ..contract.manifest import read_manifest
 
@@ -377,41 +443,3 @@ def inspect_model(spec: str, steps: int, clock: int, height: int = 0, width: int
     source = {"model": spec, "counter": "torch FlopCounterMode on the split modules (meta device)",
               "latent": latent, "adaptor": adaptor}
     return inspect_report(costs, wiring["steps"], steps, clock, source)
-
-
-def inspect_command(args) -> int:
-    """``cw-export inspect (BUNDLE | --model X)``: print the table, optionally write the JSON."""
-    import json
-
-    from ..errors import InputError
-    from ..contract.schedule import check_steps_and_clock
-
-    if (args.bundle is None) == (args.model is None):
-        raise InputError("cw-export inspect: give either a BUNDLE folder or --model NAME, not both")
-    if args.bundle is not None:
-        if args.adaptor != "identity" or args.height or args.width:
-            raise InputError("--adaptor/--height/--width apply to --model; a bundle's graphs fix them")
-        from ..contract.manifest import read_manifest
-
-        schedule = read_manifest(args.bundle)["schedule"]
-        steps = schedule["steps"] if args.steps is None else args.steps
-        clock = schedule["clock"] if args.clock is None else args.clock
-        check_steps_and_clock(steps, clock)
-        report = inspect_bundle(args.bundle, steps, clock)
-    else:
-        from ..models.pipeline import check_model_spec
-        from ..recipe import DEFAULT_TARGET, load_recipe
-
-        check_model_spec(args.model)
-        defaults = load_recipe(DEFAULT_TARGET).build
-        steps = defaults.steps if args.steps is None else args.steps
-        clock = defaults.clock if args.clock is None else args.clock
-        check_steps_and_clock(steps, clock)
-        report = inspect_model(args.model, steps, clock, args.height, args.width, args.adaptor)
-    print(format_report(report))
-    if args.json is not None:
-        from ..atomic import write_file_atomic
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(args.json, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    return 0

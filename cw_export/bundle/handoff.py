@@ -328,12 +328,24 @@ outputs = session.run(None, {name: float32_array, ...})                    # sam
 ```"""
 
 
-def _npu_section(manifest: dict) -> str:
+def _a8_share(bundle: Path, manifest: dict) -> str:
+    """What share of the UNet's MACs runs with 8-bit activations (the HTP's faster rate), counted from the graphs."""
+    from .flops import a8_share_text, count_bundle, inspect_report
+
+    schedule = manifest["schedule"]
+    report = inspect_report(count_bundle(bundle, manifest), manifest["wiring"]["steps"], schedule["steps"],
+                            schedule["clock"], {"counter": "onnx"})
+    return f"8-bit activations: {a8_share_text(report)} (`cw-export inspect BUNDLE` prints the same count). "
+
+
+def _npu_section(bundle: Path, manifest: dict) -> str:
     contexts = manifest.get("context_binaries") or {}
     quantized = sorted(n for n, g in manifest["graphs"].items() if g.get("precision", "fp32") != "fp32")
     fp32 = sorted(n for n, g in manifest["graphs"].items() if g.get("precision", "fp32") == "fp32")
     intro = (f"FP32 graphs ({', '.join(f'`{n}`' for n in fp32)}) run on the CPU/GPU with any onnxruntime build. "
              if fp32 else "")
+    if quantized:
+        intro += _a8_share(bundle, manifest)
     if not contexts:
         how = ("This bundle has no QNN context binaries. " if quantized else
                "This bundle is FP32: it has no graph for the NPU. ")
@@ -434,7 +446,7 @@ def render_handoff(bundle: str | Path, manifest: dict) -> str:
         _loop_section(manifest),
         _step_table_section(manifest),
         _graphs_section(bundle, manifest),
-        _npu_section(manifest),
+        _npu_section(bundle, manifest),
         _parity_section(manifest),
     ]
     body = "\n\n".join(f"## {n}. {title}\n\n{text}" for n, (title, text) in enumerate(zip(SECTIONS, sections), 1))

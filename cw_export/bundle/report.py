@@ -173,13 +173,14 @@ def _summary(manifest: dict) -> str:
 
 
 def _flops_section(bundle: Path, manifest: dict) -> str:
-    from .flops import count_bundle, inspect_report
+    from .flops import a8_share_text, count_bundle, inspect_report
 
     schedule = manifest["schedule"]
     report = inspect_report(count_bundle(bundle, manifest), manifest["wiring"]["steps"], schedule["steps"],
                             schedule["clock"], {"counter": "onnx"})
     rows = [[name, f"{c['params'] / 1e6:.2f}", f"{c['flops'] / 1e9:.3f}", f"{c['conv_linear_flops'] / 1e9:.3f}",
-             f"{c['attention_flops'] / 1e9:.3f}"] for name, c in report["graphs"].items()]
+             f"{c['attention_flops'] / 1e9:.3f}", f"{100 * c['a8_mac_share']:.1f}"]
+            for name, c in report["graphs"].items()]
     s = report["schedule"]
     cl = s["conv_linear"]
     totals = _table(["per image (UNet)", "GFLOPs, all steps full", "GFLOPs, clocked", "saving %"], [
@@ -194,7 +195,9 @@ def _flops_section(bundle: Path, manifest: dict) -> str:
     note = ('<p class="note">Counted from the ONNX graphs: 2 x MACs of Conv/ConvTranspose/MatMul/Gemm from '
             "onnx.shape_inference shapes, divided by each graph's batch; params = stored float weight elements "
             "(identical tensors the exporter merged count once). Same numbers as <code>cw-export inspect</code>.</p>")
-    return (_table(["graph", "params (M)", "GFLOPs", "conv+linear", "attention"], rows) + totals + note + figures)
+    a8 = f'<p>8-bit activations: {_e(a8_share_text(report))}.</p>' if a8_share_text(report) else ""
+    return (_table(["graph", "params (M)", "GFLOPs", "conv+linear", "attention", "a8 MACs %"], rows) + totals + a8
+            + note + figures)
 
 
 def _parity_curves(manifest: dict) -> str:

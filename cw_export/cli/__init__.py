@@ -251,7 +251,7 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def cmd_inspect(argv: list[str]) -> int:
-    from ..bundle.flops import inspect_command
+    from .inspect import inspect_command
 
     return inspect_command(inspect_parser().parse_args(argv))
 
