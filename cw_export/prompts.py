@@ -25,6 +25,8 @@ MAX_PROMPT_FILE_BYTES: int = 4 * 1024 * 1024
 BUILTIN_PROMPT_SETS: dict[str, str] = {
     "default": "default.txt",
     "heldout": "heldout.txt",
+    "shapes-train": "shapes_train.txt",  # the built-in shapes model's own captions (its cw_export.json declares them)
+    "shapes-heldout": "shapes_heldout.txt",
 }
 """Prompt sets shipped with cw-export: name -> file name inside the ``calibration/`` folder."""
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cw_export.models.pipeline import MODEL_DEFAULTS_NAME, SHAPES_ADAPTOR, SHAPES_DIR, declared_guidance, load_model
+from cw_export.models.declared import MODEL_DEFAULTS_NAME, declared_guidance
+from cw_export.models.pipeline import SHAPES_ADAPTOR, SHAPES_DIR, load_model
 
 pytestmark = pytest.mark.skipif(not (SHAPES_DIR / "model_index.json").is_file() or not SHAPES_ADAPTOR.is_file(),
                                 reason="trained shapes weights or adaptor not present")

@@ -17,7 +17,8 @@ import torch
 
 from cw_export.evaluate.generate import DEFAULT_GUIDANCE, generate_images
 from cw_export.evaluate.torch_variants import evaluate_model, held_out_captions, image_grid, train_captions
-from cw_export.models.pipeline import declared_guidance, load_model
+from cw_export.models.declared import declared_guidance
+from cw_export.models.pipeline import load_model
 
 DEFAULT_MODEL = "shapes"  # cw_export/models/builtin
 

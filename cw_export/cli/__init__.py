@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _apply_quantization_flags(recipe, args):
-    """CLI overrides of the recipe's [quantization] / [parity] sections; only meaningful for quantized targets."""
+    """CLI overrides of the recipe's [quantization] / [parity] sections; only meaningful for quantized targets.
+    The prompt sets the model declares (cw_export.models.declared) replace the recipe's; --calibration beats both."""
+    from ..models.declared import declared_prompt_sets
+
     given = [flag for flag, value in (("--calibration", args.calibration),
                                       ("--calibration-prompts", args.calibration_prompts),
                                       ("--calibration-samples", args.calibration_samples),
@@ -118,7 +121,8 @@ def _apply_quantization_flags(recipe, args):
         given.append("--soc")
     if given and not recipe.quantized:
         raise InputError(f"{', '.join(given)} only apply to quantized targets; target '{recipe.name}' is FP32")
-    calibration = None
+    declared = declared_prompt_sets(args.model) if recipe.quantized else {}  # the model's own prompts, if any
+    calibration = declared.get("calibration_set")
     if args.calibration is not None:
         from ..prompts import read_prompt_file
 
@@ -127,7 +131,7 @@ def _apply_quantization_flags(recipe, args):
     return recipe.with_quantization(
         backend=args.quant_backend, calibration_set=calibration, calibration_prompts=args.calibration_prompts,
         calibration_samples=args.calibration_samples, a8_layer_sweep=args.a8_sweep,
-    ).with_parity(heldout_prompts=args.parity_prompts)
+    ).with_parity(heldout_prompts=args.parity_prompts, heldout_set=declared.get("heldout_set"))
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -175,7 +179,7 @@ def model_parser() -> argparse.ArgumentParser:
 
 def _guidance(args: argparse.Namespace) -> float | None:
     """--guidance, else the guidance the model declares (its folder's cw_export.json), else None: the recipe's."""
-    from ..models.pipeline import declared_guidance
+    from ..models.declared import declared_guidance
 
     return args.guidance if args.guidance is not None else declared_guidance(args.model)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -138,9 +137,15 @@ def weights_hash(model: SDModel) -> str:
 
 
 def folder_hash(path: Path) -> str:
-    """sha256 over relative paths and bytes of every file under ``path`` (sorted), for provenance."""
+    """sha256 over relative paths and bytes of every file under ``path`` (sorted), for provenance: the model's
+    weights, configs and tokenizer. Its ``cw_export.json`` is left out: it declares build defaults (guidance, prompt
+    sets; cw_export.models.declared) that every manifest records on its own, so a changed default does not make the
+    same weights another model (and does not orphan an adaptor distilled on them)."""
+    from .declared import MODEL_DEFAULTS_NAME
+
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    files = (p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != MODEL_DEFAULTS_NAME)
+    for file in sorted(files):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -251,33 +256,6 @@ SHAPES_NAME = "shapes"  # the small text-to-image model trained by tools/train_b
 SHAPES_DIR = Path(__file__).with_name("builtin")
 # its learned Clockwork adaptor, distilled on the shapes training captions (DPM++ 2M, 8 steps, clock 2; docs/builtin_model.md)
 SHAPES_ADAPTOR = Path(__file__).with_name("shapes_adaptor.safetensors")
-
-
-MODEL_DEFAULTS_NAME = "cw_export.json"  # optional file in a model folder: settings its trainer measured, e.g. guidance
-
-
-def declared_guidance(spec: str) -> float | None:
-    """The classifier-free guidance scale a model declares (``guidance_scale`` in its folder's cw_export.json), or
-    None. Read without loading the weights, so the CLI can resolve it before any heavy work. Measured on the shapes
-    model: prompt accuracy 100% at guidance 4, 86% at the recipes' 7.5 (docs/builtin_model.md)."""
-    if spec in (BUILTIN_NAME, SHAPES_NAME):
-        folder = SHAPES_DIR
-    elif spec in BUILTIN_MODELS:
-        return None  # generated in code: no folder, no declared settings
-    else:
-        folder = Path(spec)
-    path = folder / MODEL_DEFAULTS_NAME
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("guidance_scale")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelError(f"unreadable {path}: {exc}") from None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ModelError(f"{path}: guidance_scale must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def shipped_adaptor(model: "SDModel") -> Path | None:

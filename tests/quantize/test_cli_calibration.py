@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cw_export.cli import main
@@ -83,3 +85,38 @@ def test_budget_flags_override_the_recipe(tmp_path, capsys):
     code, err = run(["--target", "snapdragon-int8", "--calibration-samples", "0", "--out", str(tmp_path / "b")],
                     capsys)
     assert code == 2 and "--calibration-samples" in err and not (tmp_path / "b").exists()
+
+
+def test_the_model_declares_its_own_prompt_sets(tmp_path):
+    """The built-in model calibrates on its train captions and gates on its held-out ones (its cw_export.json);
+    --calibration beats the declaration; a model folder names a file of its own or a built-in set, nothing else."""
+    from cw_export.cli import _apply_quantization_flags, build_parser
+    from cw_export.errors import ModelError
+    from cw_export.models.declared import MODEL_DEFAULTS_NAME, declared_prompt_sets
+    from cw_export.prompts import load_prompt_set
+    from cw_export.recipe import load_recipe
+
+    recipe = _apply_quantization_flags(load_recipe("snapdragon-int8"), build_parser().parse_args([]))
+    assert (recipe.quantization.calibration_set, recipe.parity.heldout_set) == ("shapes-train", "shapes-heldout")
+    train, held = load_prompt_set("shapes-train"), load_prompt_set("shapes-heldout")
+    assert len(train) == 64 and len(held) == 30 and not set(train) & set(held)
+    own = tmp_path / "mine.txt"
+    own.write_text("a red circle\n")
+    args = build_parser().parse_args(["--calibration", str(own)])
+    assert _apply_quantization_flags(load_recipe("snapdragon-int8"), args).quantization.calibration_set == str(own)
+    tiny = _apply_quantization_flags(load_recipe("snapdragon-int8"), build_parser().parse_args(["--model",
+                                                                                                "tiny-random"]))
+    assert (tiny.quantization.calibration_set, tiny.parity.heldout_set) == ("default", "heldout")  # the recipe's
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "prompts.txt").write_text("a cat\n")
+    (folder / MODEL_DEFAULTS_NAME).write_text('{"calibration_set": "prompts.txt", "heldout_set": "heldout"}')
+    assert declared_prompt_sets(str(folder)) == {"calibration_set": str((folder / "prompts.txt").resolve()),
+                                                 "heldout_set": "heldout"}
+    (tmp_path / "outside.txt").write_text("secret\n")
+    (folder / "link.txt").symlink_to(tmp_path / "outside.txt")
+    for bad in ("../outside.txt", str(tmp_path / "outside.txt"), "link.txt", "missing.txt", 3):
+        (folder / MODEL_DEFAULTS_NAME).write_text(json.dumps({"calibration_set": bad}))
+        with pytest.raises(ModelError, match="calibration_set"):
+            declared_prompt_sets(str(folder))
