@@ -12,7 +12,9 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,12 +29,37 @@ PAUSE_ENV = "CW_EXPORT_TEST_PAUSE_AT"
 
 def pause_point(stage: str) -> None:
     """Test hook: with ``CW_EXPORT_TEST_PAUSE_AT=<stage>`` set, say so on stderr and sleep here (up to 10 minutes)
-    so a test can SIGKILL the process at a known stage (tests/reliability/test_interrupts.py). Stages: ``load``,
-    ``export``, ``manifest`` (build.py) and ``rename`` (between the two renames of ``atomic_directory``). Unset: no-op.
+    so a test can signal the process at a known stage (tests/reliability/test_interrupts.py). Stages: ``load``,
+    ``export``, ``manifest`` (build.py), ``rename`` (between the two renames of ``atomic_directory``) and ``write``
+    (``write_file_atomic``, its temporary file written). Unset: no-op.
     """
     if os.environ.get(PAUSE_ENV) == stage:
         print(f"cw-export: test pause at {stage} (pid {os.getpid()})", file=sys.stderr, flush=True)
         time.sleep(600)
+
+
+class Terminated(BaseException):
+    """SIGTERM raised as an exception, as SIGINT raises KeyboardInterrupt, so that the cleanup of ``atomic_directory``
+    and ``write_file_atomic`` runs instead of leaving ``.<out>.cwtmp-PID-*`` beside the destination."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises ``Terminated`` (main thread only; elsewhere a no-op). A second SIGTERM during the
+    cleanup ends the process at once, as the default handler would: a stuck cleanup can still be stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def final_path(path: str | os.PathLike) -> str:
@@ -186,6 +213,7 @@ def write_file_atomic(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        pause_point("write")
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):

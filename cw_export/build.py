@@ -30,7 +30,7 @@ from .distill.for_build import check_adaptor_checkpoint, load_learned_adaptor, s
 from .errors import InputError
 from .export.stage import check_fp32_parity, export_all
 from .models.memory_check import check_build_memory
-from .models.pipeline import SDModel, check_model_spec, load_model, write_tokenizer_files
+from .models.pipeline import SDModel, check_model_spec, check_out_apart, load_model, write_tokenizer_files
 from .progress import progress_bar
 from .recipe import Recipe
 from .runtime import schedulers
@@ -92,6 +92,7 @@ def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
     if options.adaptor_checkpoint is not None:
         check_adaptor_checkpoint(recipe, options.adaptor_checkpoint)  # before any heavy work
     check_model_spec(options.model)
+    check_out_apart(options.model, out)
     if recipe.quantized:
         from .quantize import check_settings
         from .calibrate.stage import check_prompt_sources

@@ -36,3 +36,8 @@ class ParityError(CwExportError):
 
 class SchedulerConfigError(CwExportError):
     """A sampler configuration uses an option the numpy runtime does not implement."""
+
+
+class NumericError(CwExportError):
+    """A run produced NaN or infinite values (inputs such as the guidance scale or init latents far out of range):
+    reported as one line instead of writing a silently broken image or latents file."""

@@ -144,7 +144,8 @@ def run_parser() -> argparse.ArgumentParser:
     text.add_argument("--grid", type=Path, help="prompt file: write a comparison grid (rows: prompts; columns: "
                       "full FP32, clockwork FP32, this bundle on each provider) to --image-out")
     noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("--seed", type=int, help="seed for the initial unit Gaussian noise (numpy PCG64)")
+    noise.add_argument("--seed", type=_nonnegative_int("--seed"),
+                       help="seed for the initial unit Gaussian noise (numpy PCG64)")
     noise.add_argument("--init-latents", type=Path, help=".npy unit Gaussian noise [1, C, h, w]")
     _add_schedule_flags(parser)
     parser.add_argument("--latents-out", type=Path, help=".npy for the final latents (before VAE scaling)")
@@ -369,10 +370,13 @@ def environment_error_message(exc: OSError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..atomic import Terminated, sigterm_raises
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
     try:
-        return COMMANDS[command](argv)
+        with sigterm_raises():  # SIGTERM cleans up like SIGINT: no temporary folder or file is left behind
+            return COMMANDS[command](argv)
     except (CwExportError, OSError) as exc:
         message = str(exc) if isinstance(exc, CwExportError) else environment_error_message(exc)
         if message is None:
@@ -383,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cw-export: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("cw-export: terminated", file=sys.stderr)
+        return 128 + 15  # the shell's status of a process ended by SIGTERM
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -66,6 +67,35 @@ def check_output_file(path: Path, flag: str) -> None:
         raise InputError(f"folder of {flag} does not exist: {path.parent}")
 
 
+def _landing(path: Path) -> set[Path]:
+    """Where a write to ``path`` may land: its resolved folder with its own name (``write_file_atomic`` replaces a
+    link there) and, for a link, its target."""
+    return {path.parent.resolve() / path.name, path.resolve()}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if _landing(a) & _landing(b):
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Outputs go outside the bundle (which ``run`` verified and must leave valid), never over an input or over each
+    other: refused before any work, so nothing is written."""
+    bundle = args.bundle.resolve()
+    outputs = [(f, p) for f, p in (("--latents-out", args.latents_out), ("--image-out", args.image_out))
+               if p is not None]
+    inputs = [(f, p) for f, p in (("--init-latents", args.init_latents), ("--text-embeds", args.text_embeds),
+                                  ("--grid", args.grid)) if p is not None]
+    for k, (flag, path) in enumerate(outputs):
+        check_output_file(path, flag)
+        if any(where.is_relative_to(bundle) for where in _landing(path)):
+            raise InputError(f"{flag} {path} is inside the bundle {args.bundle}; write outputs outside it")
+        for other, given in inputs + outputs[:k]:
+            if _same_file(path, given):
+                raise InputError(f"{flag} and {other} name the same file: {path}")
+
+
 def grid_command(args: argparse.Namespace) -> int:
     """--grid: desktop-side comparison picture (uses torch for the FP32 columns; see cw_export.grid)."""
     from ..grid import make_grid, save_grid_png
@@ -73,7 +103,7 @@ def grid_command(args: argparse.Namespace) -> int:
 
     if args.image_out is None:
         raise InputError("--grid needs --image-out FILE.png")
-    check_output_file(args.image_out, "--image-out")
+    check_output_paths(args)
     prompts = read_prompt_file(args.grid)
     result = make_grid(args.bundle, prompts, seed=0 if args.seed is None else args.seed)
     save_grid_png(result, args.image_out)
@@ -109,9 +139,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise InputError("give --seed N or --init-latents FILE.npy")
     if args.latents_out is None and args.image_out is None:
         raise InputError("give --latents-out FILE.npy and/or --image-out FILE.png")
-    for flag, path in (("--latents-out", args.latents_out), ("--image-out", args.image_out)):
-        if path is not None:
-            check_output_file(path, flag)
+    check_output_paths(args)
     runner = BundleRunner(args.bundle, provider=args.provider, verify=not args.no_verify)
     if args.prompt is not None:
         hidden, pooled = runner.encode_prompt(args.prompt)

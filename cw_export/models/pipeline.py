@@ -163,11 +163,68 @@ def _check_folder(path: Path) -> None:
         raise ModelError(f"not a diffusers pipeline folder (no model_index.json): {path}")
     try:
         json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"corrupt model_index.json in {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelError(f"corrupt model_index.json in {path}: {_json_problem(exc)}") from None
     missing = [name for name in REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
     if missing:
         raise ModelError(f"model folder {path} lacks component folder(s): {', '.join(missing)}")
+
+
+def _json_problem(exc: Exception) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
+WEIGHT_COMPONENTS = ("unet", "text_encoder", "vae")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_weights(folder: Path) -> None:
+    """Weights are read from safetensors only: a pickle (.bin) is never opened, as unpickling can run code. Checked
+    before the libraries look, so that their own logged 'An error occurred ...' line never reaches stderr."""
+    for name in WEIGHT_COMPONENTS:
+        files = sorted(p.name for p in (folder / name).iterdir() if p.is_file())
+        if any(f.endswith(".safetensors") for f in files):
+            continue
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelError(f"{name} in {folder} has pickle weights only ({pickles[0]}); cw-export reads "
+                             "safetensors only (unpickling can run code): convert them, e.g. save_pretrained("
+                             "..., safe_serialization=True)")
+        raise ModelError(f"cannot load {name} from {folder}: no .safetensors weights in {folder / name}")
+
+
+# diffusers schedulers of the DDPM family: the noise schedule in their config (betas, prediction type, timestep
+# spacing) is what _noise_schedule_from keeps; the sampler is the recipe's (cw_export.runtime.schedulers.SAMPLERS)
+NOISE_SCHEDULE_CLASSES = (
+    "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
+    "PNDMScheduler", "UniPCMultistepScheduler")
+
+
+def _read_scheduler_config(folder: Path) -> dict:
+    """scheduler_config.json as an object of a known scheduler class; an unknown class (e.g. flow matching) has a
+    noise schedule we would silently misread, so it is refused."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelError(f"cannot read scheduler config in {folder}: {_json_problem(exc)}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"cannot read scheduler config in {folder}: {path.name} must hold a JSON object, "
+                         f"got a {type(config).__name__}")
+    name = config.get("_class_name")
+    if name not in NOISE_SCHEDULE_CLASSES:
+        raise ModelError(f"scheduler _class_name {name!r:.60} in {path} is not supported: cw-export reads the noise "
+                         f"schedule of {', '.join(NOISE_SCHEDULE_CLASSES)} (and samples with the recipe's sampler)")
+    return config
+
+
+def _check_unet_config(unet, folder: Path) -> None:
+    size = unet.config.sample_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ModelError(f"unet config in {folder}: sample_size must be an integer >= 1 (the latent size), "
+                         f"got {size!r:.40}")
 
 
 def load_model_folder(path: str | os.PathLike) -> SDModel:
@@ -178,11 +235,14 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
 
     folder = Path(path).resolve()
     _check_folder(folder)
+    scheduler_config = _read_scheduler_config(folder)
+    _check_weights(folder)
+    safe = {"local_files_only": True, "use_safetensors": True}
     loaders = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **safe),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **safe),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
-        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", **safe),
     }
     parts = {}
     for name, load in loaders.items():
@@ -191,10 +251,7 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
         except Exception as exc:  # boundary: any library failure on user files becomes one line
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load {name} from {folder}: {first_line}") from None
-    try:
-        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read scheduler config in {folder}: {exc}") from None
+    _check_unet_config(parts["unet"], folder)
     model = SDModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"],
                     _noise_schedule_from(scheduler_config))
     model.tokenizer_files = _read_tokenizer_files(folder / "tokenizer")
@@ -281,6 +338,22 @@ def check_model_spec(spec: str) -> None:
     """Cheap up-front check of ``--model`` (name or folder layout) before any heavy work starts."""
     if spec not in BUILTIN_MODELS:
         _check_folder(Path(spec).resolve())
+
+
+def check_out_apart(spec: str, out: Path) -> None:
+    """An output folder inside the model folder would change the model's own hash (the bundle's provenance), and
+    one that contains it would delete the model on --overwrite: both are refused before any work."""
+    if spec in (BUILTIN_NAME, SHAPES_NAME):
+        folder = SHAPES_DIR
+    elif spec in BUILTIN_MODELS:
+        return  # generated in code: no folder
+    else:
+        folder = Path(spec)
+    folder, where = folder.resolve(), Path(out).parent.resolve() / Path(out).name
+    if where.is_relative_to(folder):
+        raise ModelError(f"--out {out} is inside the model folder {folder}; write the bundle elsewhere")
+    if folder.is_relative_to(where):
+        raise ModelError(f"--out {out} contains the model folder {folder}; write the bundle elsewhere")
 
 
 def load_model(spec: str) -> SDModel:

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..contract.graphs import TEXT_OUTPUTS
-from ..errors import InputError
+from ..errors import InputError, NumericError
 from . import schedulers
 from ..contract.manifest import load_verified
 from ..contract.schedule import CLOCKED, step_kinds
@@ -77,6 +77,10 @@ class BundleRunner:
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("--prompt must be a non-empty string")
+        try:
+            prompt.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise InputError("--prompt is not UTF-8 text (check the terminal's or the script's encoding)") from None
         tokenizer = ClipTokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["folder"])
         return self.encode_ids(tokenizer([negative_prompt, prompt]))
 
@@ -110,12 +114,16 @@ class BundleRunner:
 
         decode = self.manifest["wiring"]["decode"]
         (image,) = self.session(decode["graph"]).run([decode["output"]], {decode["input"]: latents.astype(np.float32)})
+        if not np.all(np.isfinite(image)):  # to_uint8 would clip NaN and inf into a plausible-looking PNG
+            raise NumericError("the VAE decoder produced NaN or infinite pixels (the latents are far out of range: "
+                               f"max |x| {float(np.max(np.abs(latents))):.3g})")
         return to_uint8(image)
 
     # -- denoising ----------------------------------------------------------------------------------------------
     def latent_shape(self) -> list[int]:
         return list(self.manifest["latent"]["shape"])
 
+    @np.errstate(over="ignore", invalid="ignore")  # overflow is one NumericError naming the step, not warnings
     def generate(
         self,
         encoder_hidden_states: np.ndarray,
@@ -177,6 +185,10 @@ class BundleRunner:
             delta = noise_cond - noise_uncond
             noise = noise_uncond + np.float32(guidance) * delta
             latents = schedulers.sampler_step(table, i, noise, latents, state).astype(np.float32)
+            if not np.all(np.isfinite(latents)):
+                raise NumericError(f"step {i + 1} of {steps} ({kind}) produced NaN or infinite latents: the inputs "
+                                   f"are far out of range (guidance {guidance:g}, init latents max |x| "
+                                   f"{float(np.max(np.abs(init_latents))):.3g})")
             trajectory.step_latents.append(latents)
             trajectory.guidance_ratios.append(float(np.std(delta)))
         trajectory.latents = latents

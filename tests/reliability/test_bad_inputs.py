@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import assert_nothing_written, assert_user_error
+from reliability_helpers import SUBPROCESS_ENV, CliResult, assert_nothing_written, assert_user_error
 
 BUILD = ("--model", "tiny-random", "--target", "cpu-fp32", "--quiet")  # a later --model/--target wins
 
@@ -156,7 +159,34 @@ def _damaged_model(model_folder: Path, tmp_path: Path, damage: str) -> Path:
     elif damage == "truncated_vae":
         weights = next((folder / "vae").glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:64])
+    elif damage == "scheduler_config_list":
+        (folder / "scheduler" / "scheduler_config.json").write_text("[1, 2]")
+    elif damage == "scheduler_config_nested":
+        (folder / "scheduler" / "scheduler_config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    elif damage == "index_nested":
+        (folder / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif damage == "unknown_scheduler_class":
+        _edit_json(folder / "scheduler" / "scheduler_config.json", _class_name="FooScheduler")
+    elif damage == "sample_size_0":
+        _edit_json(folder / "unet" / "config.json", sample_size=0)
+    elif damage == "pickle_weights":
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Unpickled(tmp_path)))
     return folder
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+class _Unpickled:
+    """Unpickling this creates ``<folder>/unpickled``: proof that a pickle was (not) loaded."""
+
+    def __init__(self, folder: Path) -> None:
+        self.marker = str(folder / "unpickled")
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
 @pytest.mark.parametrize("damage, fragment", [
@@ -166,13 +196,45 @@ def _damaged_model(model_folder: Path, tmp_path: Path, damage: str) -> Path:
     ("no_scheduler_config", "cannot read scheduler config"),
     ("empty_tokenizer", "tokenizer"),
     ("truncated_vae", "cannot load vae"),
+    ("scheduler_config_list", "scheduler_config.json must hold a JSON object, got a list"),
+    ("scheduler_config_nested", "cannot read scheduler config in"),
+    ("index_nested", "corrupt model_index.json"),
+    ("unknown_scheduler_class", "scheduler _class_name 'FooScheduler'"),
+    ("sample_size_0", "sample_size must be an integer >= 1"),
+    ("pickle_weights", "has pickle weights only (diffusion_pytorch_model.bin)"),
 ])
 def test_broken_model_folders(cw, model_folder, tmp_path, damage, fragment):
     folder = _damaged_model(model_folder, tmp_path, damage)
     out = tmp_path / "out"
     out.mkdir()
-    assert_user_error(cw(*BUILD, "--model", folder, "--out", out / "bundle"), fragment)
+    line = assert_user_error(cw(*BUILD, "--model", folder, "--out", out / "bundle"), fragment)
     assert_nothing_written(out)
+    assert not (tmp_path / "unpickled").exists(), "a pickle in the model folder was loaded"
+    if damage == "unknown_scheduler_class":  # the line says what is supported
+        assert "DPMSolverMultistepScheduler" in line and "PNDMScheduler" in line, line
+
+
+def test_out_inside_the_model_folder(cw, model_folder, tmp_path):
+    """A bundle written into the model folder would change the model's own hash (the bundle's provenance)."""
+    from cw_export.models.pipeline import folder_hash
+
+    folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
+    before = folder_hash(folder)
+    assert_user_error(cw(*BUILD, "--model", folder, "--out", folder / "unet" / "bundle"),
+                      "is inside the model folder")
+    assert folder_hash(folder) == before
+
+
+def test_out_containing_the_model_folder(cw, model_folder, tmp_path):
+    """--overwrite of a folder that holds the model would delete the model."""
+    from cw_export.models.pipeline import folder_hash
+
+    folder = Path(shutil.copytree(model_folder, tmp_path / "work" / "model"))
+    before = folder_hash(folder)
+    assert_user_error(cw(*BUILD, "--model", folder, "--out", tmp_path / "work", "--overwrite"),
+                      "contains the model folder")
+    assert folder_hash(folder) == before
+    assert_nothing_written(tmp_path / "work", {"model"})
 
 
 def test_unet_with_too_few_resolution_levels(cw, tiny_model, tmp_path):
@@ -275,6 +337,13 @@ def _run_args(tmp_path: Path, case: str) -> list:
         return [*text, *seed, "--guidance", "nan"]
     if case == "seed_text":
         return [*text, "--seed", "abc"]
+    if case == "seed_negative":
+        return [*text, "--seed", "-1"]
+    if case == "latents_huge":  # finite, but the first step overflows float32
+        np.save(f.with_suffix(".npy"), np.full([1, 4, 16, 16], 1e38, np.float32))
+        return [*text, "--init-latents", f.with_suffix(".npy")]
+    if case == "guidance_huge":  # finite as a float64 flag, infinite as the float32 the loop computes in
+        return [*text, *seed, "--guidance", "1e300"]
     raise AssertionError(case)
 
 
@@ -292,7 +361,10 @@ def _run_args(tmp_path: Path, case: str) -> list:
     ("embeds_inf", "contain NaN or infinite values"),
     ("clock_gt_steps", "--clock 3 is larger than --steps 2"),
     ("guidance_nan", "--guidance must be a finite number"),
-    ("seed_text", "invalid int value: 'abc'"),
+    ("seed_text", "--seed must be an integer, got 'abc'"),
+    ("seed_negative", "--seed must be >= 0, got -1"),
+    ("latents_huge", "step 1 of 8 (full) produced NaN or infinite latents"),
+    ("guidance_huge", "produced NaN or infinite latents: the inputs are far out of range (guidance 1e+300"),
 ])
 def test_run_input_errors(cw, fp32_bundle, tmp_path, case, fragment):
     args = _run_args(tmp_path, case)
@@ -300,6 +372,71 @@ def test_run_input_errors(cw, fp32_bundle, tmp_path, case, fragment):
     out = tmp_path / "latents.npy"
     assert_user_error(cw("run", fp32_bundle, *args, "--latents-out", out, "--quiet"), fragment)
     assert_nothing_written(tmp_path, before)
+
+
+def test_run_image_of_non_finite_pixels(cw, fp32_bundle, tmp_path):
+    """Guidance 1e37 keeps the latents finite (1e36) but the VAE decoder overflows: no PNG of clipped NaNs."""
+    out = tmp_path / "image.png"
+    result = cw("run", fp32_bundle, "--prompt", "x", "--seed", "1", "--guidance", "1e37", "--image-out", out, "--quiet")
+    assert_user_error(result, "the VAE decoder produced NaN or infinite pixels")
+    assert_nothing_written(tmp_path)
+
+
+def test_run_prompt_not_utf8(fp32_bundle, tmp_path):
+    """Raw argv bytes that are not UTF-8 (the real console entry point: Python decodes them as lone surrogates)."""
+    out = tmp_path / "latents.npy"
+    done = subprocess.run([sys.executable, "-m", "cw_export.cli", "run", os.fsencode(fp32_bundle), "--prompt",
+                           b"caf\xe9 \xff", "--seed", "1", "--latents-out", os.fsencode(out), "--quiet"],
+                          capture_output=True, text=True, env={**os.environ, **SUBPROCESS_ENV}, timeout=300)
+    assert_user_error(CliResult(done.returncode, done.stdout, done.stderr), "--prompt is not UTF-8 text")
+    assert_nothing_written(tmp_path)
+
+
+def _output_clash(tmp_path: Path, bundle: Path, case: str) -> list:
+    text, seed = ["--prompt", "x"], ["--seed", "1"]
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.zeros([1, 4, 16, 16], np.float32))
+    if case == "image_over_bundle_file":
+        return [*text, *seed, "--image-out", bundle / "README.md"]
+    if case == "latents_new_file_in_bundle":
+        return [*text, *seed, "--latents-out", bundle / "graphs" / "new.npy"]
+    if case == "through_a_link_to_the_bundle":
+        (tmp_path / "link").symlink_to(bundle)
+        return [*text, *seed, "--image-out", tmp_path / "link" / "x.png"]
+    if case == "latents_over_init_latents":
+        return [*text, "--init-latents", noise, "--latents-out", tmp_path / "." / "noise.npy"]
+    if case == "latents_over_text_embeds":
+        embeds = tmp_path / "embeds.npz"
+        np.savez(embeds, cond=np.zeros([1, 77, 32], np.float32), uncond=np.zeros([1, 77, 32], np.float32))
+        return ["--text-embeds", embeds, *seed, "--latents-out", embeds]
+    if case == "image_over_hard_link_of_input":
+        os.link(noise, tmp_path / "alias.npy")
+        return [*text, "--init-latents", noise, "--image-out", tmp_path / "alias.npy"]
+    if case == "image_equals_latents":
+        return [*text, *seed, "--latents-out", tmp_path / "out", "--image-out", tmp_path / "out"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("image_over_bundle_file", "is inside the bundle"),
+    ("latents_new_file_in_bundle", "is inside the bundle"),
+    ("through_a_link_to_the_bundle", "is inside the bundle"),
+    ("latents_over_init_latents", "--latents-out and --init-latents name the same file"),
+    ("latents_over_text_embeds", "--latents-out and --text-embeds name the same file"),
+    ("image_over_hard_link_of_input", "--image-out and --init-latents name the same file"),
+    ("image_equals_latents", "--image-out and --latents-out name the same file"),
+])
+def test_run_outputs_clash(cw, bundle_copy, tmp_path, case, fragment):
+    """run writes neither into the bundle it just verified nor over its inputs or its other output."""
+    from cw_export.contract.manifest import read_manifest, verify_bundle
+
+    work = tmp_path / "work"
+    work.mkdir()
+    args = _output_clash(work, bundle_copy, case)
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file() and not p.is_symlink()}
+    assert_user_error(cw("run", bundle_copy, *args, "--quiet"), fragment)
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file() and not p.is_symlink()} == before
+    assert verify_bundle(bundle_copy, read_manifest(bundle_copy)) == []
 
 
 def test_run_needs_an_output(cw, fp32_bundle, tmp_path):
@@ -362,4 +499,31 @@ def test_manifest_with_wrong_structure_is_one_line(cw, bundle_copy):
     out = bundle_copy.parent / "o.npy"
     assert_user_error(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", out, "--no-verify"),
                       "manifest")
+    assert not out.exists()
+
+
+def test_manifest_nested_too_deeply(cw, bundle_copy, tmp_path):
+    """A manifest.json of 100,000 nested lists is one line (not a RecursionError) for validate and run."""
+    (bundle_copy / "manifest.json").write_text('{"files": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert_user_error(cw("validate", bundle_copy), "nested too deeply")
+    assert_user_error(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", tmp_path / "o.npy"),
+                      "nested too deeply")
+    assert_nothing_written(tmp_path, {"bundle"})
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"schedule": None}, "manifest schedule: must be an object, got NoneType"),
+    ({"latent": {"shape": [1]}}, "manifest latent.shape: must be [1, channels, height, width], got [1]"),
+])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_resigned_manifest_with_fields_run_cannot_use(cw, bundle_copy, tmp_path, command, edit, fragment):
+    """Re-signed (every hash consistent), so only the field checks can refuse it: validate refuses what run could
+    not run, and run refuses it before reading anything else (even with --no-verify)."""
+    from cw_export.contract.manifest import manifest_bytes
+
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    (bundle_copy / "manifest.json").write_bytes(manifest_bytes({**manifest, **edit}))
+    out = tmp_path / "o.npy"
+    args = ["--prompt", "x", "--seed", "1", "--latents-out", out, "--no-verify"] if command == "run" else []
+    assert_user_error(cw(command, bundle_copy, *args), fragment)
     assert not out.exists()

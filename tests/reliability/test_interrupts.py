@@ -161,3 +161,56 @@ def test_kill_between_the_renames_of_a_replace(tmp_path, mode):
     clean_stale_temps(tmp_path)
     assert (out / "data.txt").read_text() == ("new" if mode == "exchange" else "old")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+# --- SIGTERM and SIGINT: the process ends itself, cleaning up (issue #20 A.6) ------------------------------------
+
+SIGNALS = {"SIGTERM": (signal.SIGTERM, 143, "cw-export: terminated"),
+           "SIGINT": (signal.SIGINT, 130, "cw-export: interrupted")}
+
+
+def _signalled(run: PausedProcess, name: str) -> None:
+    """Send the signal while the process sleeps at its stage; it must exit with its code and one line."""
+    sig, code, line = SIGNALS[name]
+    run.wait_paused()
+    run.proc.send_signal(sig)
+    try:
+        assert run.proc.wait(120) == code, "".join(run.stderr)[-3000:]
+    finally:
+        run.kill()
+    lines = [s for s in "".join(run.stderr).splitlines() if s.strip() and not s.startswith(PAUSED)]
+    assert lines == [line], lines
+
+
+@pytest.fixture(scope="module")
+def signalled_builds(tmp_path_factory):
+    """One build per signal, each signalled while it exports into its temporary folder (run in parallel)."""
+    parents = {name: tmp_path_factory.mktemp(name.lower()) for name in SIGNALS}
+    runs = {name: PausedProcess(build_args(parents[name] / "bundle"), "export") for name in SIGNALS}
+    try:
+        for name, run in runs.items():
+            run.wait_paused()
+            assert temps_in(parents[name]), "the build had no temporary folder when signalled"
+            _signalled(run, name)
+    finally:
+        for run in runs.values():
+            run.kill()
+    return parents
+
+
+@pytest.mark.parametrize("name", list(SIGNALS))
+def test_signalled_build_leaves_nothing(signalled_builds, name):
+    """SIGTERM cleans up like SIGINT: no bundle and no ``.<out>.cwtmp-PID-*`` beside --out."""
+    assert sorted(p.name for p in signalled_builds[name].iterdir()) == []
+
+
+@pytest.mark.parametrize("name", list(SIGNALS))
+def test_signalled_run_leaves_no_temporary_file(fp32_bundle, tmp_path, name):
+    """``run`` signalled with its output's temporary file written, not yet renamed: neither is left."""
+    out = tmp_path / "latents.npy"
+    run = PausedProcess(["-m", "cw_export.cli", "run", str(fp32_bundle), "--prompt", "x", "--seed", "1", "--steps",
+                         "1", "--clock", "1", "--quiet", "--latents-out", str(out)], "write")
+    run.wait_paused()
+    assert temps_in(tmp_path), "no temporary file while paused"
+    _signalled(run, name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
