@@ -64,8 +64,9 @@ def gated_parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict
 
     1. "keep FP32 where parity requires": a text encoder / VAE decoder below the graph floor goes back to its FP32
        export (``fp32_held``, from ``hold_fp32``), with the measured reason in its entry;
-    2. "8-bit activations wherever the gate allows": a graph the sweep put at 8 bits goes back to 16 bits
-       (``a16_held``, from ``quantize_stage``) when the whole bundle then fails the gate.
+    2. "8-bit activations wherever the gate allows": while the whole bundle fails the gate, the 8-bit graph with the
+       lowest held-out SQNR goes back to 16 bits (``a16_held``, from ``quantize_stage``), one graph at a time, so a
+       graph whose 8 bits the gate tolerates keeps them when another one's do not.
 
     The gate stays open while a fallback may still change the bundle; the last measurement is gated for real."""
     parity = parity_stage(model, recipe, manifest, graphs, placed,
@@ -74,7 +75,11 @@ def gated_parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict
         parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity or bool(a16_held), bundle)
     elif fp32_held and not a16_held:  # measured with the gate held open for rule 1 only: gate for real now
         parity["gate"] = gate(parity, recipe.parity, allow_low_parity)
-    if a16_held and not parity["gate"]["passed"]:
-        apply_fallbacks(manifest, bundle, a16_held, parity["gate"]["failures"])
-        parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity, bundle)
+    remaining = dict(a16_held)
+    while remaining and not parity["gate"]["passed"]:
+        worst = min(remaining, key=lambda name: parity["graphs"][name]["sqnr_db"])
+        apply_fallbacks(manifest, bundle, {worst: remaining.pop(worst)}, parity["gate"]["failures"])
+        parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity or bool(remaining), bundle)
+    if a16_held and remaining and not allow_low_parity:  # measured with the gate held open: gate for real now
+        parity["gate"] = gate(parity, recipe.parity, allow_low_parity)
     return parity

@@ -232,3 +232,37 @@ def test_same_input_guidance_ratio_sees_a_shrunk_guidance_signal(fp32_bundle, ti
     assert len(seen["half"]) == manifest["schedule"]["steps"]
     np.testing.assert_allclose(seen["same"], 1.0, atol=1e-6)
     np.testing.assert_allclose(seen["half"], 0.5, atol=1e-5)
+
+
+def test_fallback_reverts_one_graph_at_a_time_worst_first(monkeypatch):
+    """Two graphs at 8 bits and a failing gate: the one with the lowest held-out SQNR goes back to 16 bits first;
+    when the gate then passes, the other keeps its 8 bits; when it still fails, both go back."""
+    from cw_export.parity import stage
+
+    def run(low_res_breaks_alone: bool):
+        at8 = {"low_res", "adaptor"}
+        reverted = []
+
+        def measure(model, recipe, manifest, graphs, placed, allow, bundle):
+            sqnr = {"low_res": 25.0 if "low_res" in at8 else 40.0, "adaptor": 33.0 if "adaptor" in at8 else 40.0}
+            if not low_res_breaks_alone and "adaptor" in at8:
+                sqnr["adaptor"] = 28.0
+            found = numbers(graph_db=min(sqnr.values()))
+            found["graphs"] = {n: {"sqnr_db": v} for n, v in sqnr.items()}
+            found["gate"] = gate(found, THRESHOLDS, allow)
+            return found
+
+        def fall_back(manifest, bundle, held, failures):
+            (name,) = held
+            at8.discard(name)
+            reverted.append(name)
+
+        monkeypatch.setattr(stage, "parity_stage", measure)
+        monkeypatch.setattr(stage, "apply_fallbacks", fall_back)
+        recipe = SimpleNamespace(parity=THRESHOLDS)
+        parity = stage.gated_parity_stage(None, recipe, {}, {}, {}, None, {}, {"low_res": 1, "adaptor": 2}, False)
+        return reverted, parity["gate"]
+
+    assert run(low_res_breaks_alone=True) == (["low_res"], {"passed": True, "failures": [], "allowed_by_flag": False})
+    reverted, verdict = run(low_res_breaks_alone=False)
+    assert reverted == ["low_res", "adaptor"] and verdict["passed"]
