@@ -76,6 +76,7 @@ def test_quickstart_builds_generates_and_shows_parity(tmp_path, monkeypatch):
     assert (tmp_path / "quickstart" / "grid.png").is_file()
 
 
+@pytest.mark.slow  # executes a notebook: minutes
 @pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(), reason="trained shapes weights not present")
 def test_sensitivity_low_res_perturbation_hurts_less(tmp_path, monkeypatch):
     notebook = run_notebook("sensitivity", tmp_path, monkeypatch)
@@ -89,6 +90,7 @@ def test_sensitivity_low_res_perturbation_hurts_less(tmp_path, monkeypatch):
     assert result["verdict"]["low_res_hurts_less"] is True
 
 
+@pytest.mark.slow  # executes a notebook: minutes
 @pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(), reason="trained shapes weights not present")
 def test_distill_trains_and_compares_identity_and_learned(tmp_path, monkeypatch):
     notebook = run_notebook("distill", tmp_path, monkeypatch)

@@ -106,6 +106,7 @@ def _run_split_in_ort(split, sample, timestep, text, folder) -> np.ndarray:
     return ort_session(paths["high_res_out"]).run(None, feeds)[0]
 
 
+@pytest.mark.slow  # SD 1.5-size export: ~3 minutes
 def test_sd15_config_split_equals_unet_torch_and_onnxruntime(tmp_path):
     """Stable Diffusion v1.5's published UNet config, random weights, latent 16x16 (export uses external data)."""
     from diffusers import UNet2DConditionModel

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 
 from cw_export.cli import main
 from cw_export.runtime.image import decode_png
 
 
+@pytest.mark.slow  # torch and onnxruntime columns of an INT8 bundle: ~2 minutes
 def test_grid_of_an_int8_bundle(low_parity_bundle, tmp_path, capsys):
     from cw_export.grid import make_grid
 

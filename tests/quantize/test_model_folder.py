@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cw_export.cli import main
 from cw_export.models.pipeline import folder_hash
 from cw_export.contract.manifest import read_manifest
 
 
+@pytest.mark.slow  # a whole snapdragon-int8 build through the CLI: ~4 minutes
 def test_int8_build_from_a_saved_diffusers_folder(tmp_path, capsys):
     folder = tmp_path / "my-model"
     assert main(["model", "--model", "tiny-random", "--out", str(folder)]) == 0

@@ -61,6 +61,7 @@ def _without_run_state(manifest: bytes) -> dict:
     return data
 
 
+@pytest.mark.slow  # two quantized builds per backend: ~4 minutes
 def test_graphs_and_every_other_file_are_byte_identical(twice):
     first, second = map(_files, twice)
     assert sorted(first) == sorted(second)

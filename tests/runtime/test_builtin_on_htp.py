@@ -14,8 +14,9 @@ import pytest
 
 from cw_export.models.pipeline import SHAPES_ADAPTOR, SHAPES_DIR
 
-pytestmark = pytest.mark.skipif(not (SHAPES_DIR / "model_index.json").is_file() or not SHAPES_ADAPTOR.is_file(),
-                                reason="trained shapes weights or adaptor not present")
+pytestmark = [pytest.mark.skipif(not (SHAPES_DIR / "model_index.json").is_file() or not SHAPES_ADAPTOR.is_file(),
+                                 reason="trained shapes weights or adaptor not present"),
+              pytest.mark.slow]  # the whole built-in bundle on the emulated HTP: ~5 minutes
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
