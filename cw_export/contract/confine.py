@@ -30,6 +30,11 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted in a bundle must not block the open
+_DIR_FLAGS = os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC
+
+
+class MissingFile(BundleError):
+    """The path is inside the bundle, but no file is there."""
 
 
 def bundle_parts(rel: object) -> tuple[str, ...] | None:
@@ -63,10 +68,10 @@ def _open_fd(bundle: Path, rel: str) -> int:
                                       "are not followed)")
                 if not is_kind(mode):
                     raise BundleError(f"{bundle}: cannot read {rel}: {shown} is not a {kind}")
-                child = os.open(part, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | (_NONBLOCK if last else _DIRECTORY),
+                child = os.open(part, (os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK) if last else _DIR_FLAGS,
                                 dir_fd=fd)
             except FileNotFoundError:
-                raise BundleError(f"{bundle}: missing file: {rel}") from None
+                raise MissingFile(f"{bundle}: missing file: {rel}") from None
             except OSError as exc:
                 raise BundleError(f"{bundle}: cannot read {rel}: {shown}: {os.strerror(exc.errno or 0)}") from None
             os.close(fd)
@@ -83,12 +88,11 @@ def open_inside(bundle: str | os.PathLike, rel: str, missing_ok: bool = False) -
     """The regular file ``rel`` of ``bundle``, opened for reading without following any link (module docstring);
     a BundleError naming the path otherwise (None instead for a missing file with ``missing_ok``)."""
     try:
-        fd = _open_fd(Path(bundle), rel)
-    except BundleError as exc:
-        if missing_ok and "missing file:" in str(exc):
+        return os.fdopen(_open_fd(Path(bundle), rel), "rb")
+    except MissingFile:
+        if missing_ok:
             return None
         raise
-    return os.fdopen(fd, "rb")
 
 
 def read_inside(bundle: str | os.PathLike, rel: str, missing_ok: bool = False,
@@ -113,6 +117,7 @@ def map_inside(bundle: str | os.PathLike, rel: str) -> mmap.mmap | bytes:
 
 
 def sha256_handle(handle: BinaryIO) -> str:
+    """sha256 of what is left to read in ``handle`` (read in 1 MiB chunks)."""
     digest = hashlib.sha256()
     for chunk in iter(lambda: handle.read(1 << 20), b""):
         digest.update(chunk)
@@ -120,20 +125,31 @@ def sha256_handle(handle: BinaryIO) -> str:
 
 
 def walk_bundle(bundle: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(regular files, symlinks and other non-regular entries) under ``bundle`` as POSIX relative paths, sorted;
-    no link is followed, so a symlinked folder is one entry and nothing behind it is listed."""
+    """(regular files, symlinks and other non-regular entries) under ``bundle`` as POSIX relative paths, sorted.
+
+    Each folder is listed from a descriptor opened with O_NOFOLLOW relative to its parent's, so no link is followed
+    even when one is swapped in during the walk: a symlinked folder is one entry and nothing behind it is listed."""
     files, odd = [], []
-    pending = [""]
-    while pending:
-        prefix = pending.pop()
-        with os.scandir(Path(bundle) / prefix if prefix else bundle) as entries:
-            for entry in entries:
-                rel = f"{prefix}{entry.name}"
-                if entry.is_symlink() or not (entry.is_dir(follow_symlinks=False)
-                                              or entry.is_file(follow_symlinks=False)):
-                    odd.append(rel)
-                elif entry.is_dir(follow_symlinks=False):
-                    pending.append(f"{rel}/")
-                else:
-                    files.append(rel)
+    pending = [("", os.open(bundle, os.O_RDONLY | _DIRECTORY | _CLOEXEC))]
+    try:
+        while pending:
+            prefix, fd = pending.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        rel = f"{prefix}{entry.name}"
+                        if entry.is_dir(follow_symlinks=False):
+                            try:
+                                pending.append((f"{rel}/", os.open(entry.name, _DIR_FLAGS, dir_fd=fd)))
+                            except OSError:  # replaced by a link since it was listed
+                                odd.append(rel)
+                        elif entry.is_file(follow_symlinks=False):
+                            files.append(rel)
+                        else:
+                            odd.append(rel)
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in pending:
+            os.close(fd)
     return sorted(files), sorted(odd)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..contract.confine import bundle_parts, open_inside, read_inside
 from ..errors import BundleError
 
+if TYPE_CHECKING:
+    import onnx
 
-def _tensors(graph) -> Iterator:
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of a graph that can hold external data: initializers, sparse initializers and attribute
     tensors (Constant values), in subgraphs too."""
     yield from graph.initializer
@@ -36,7 +39,7 @@ def _tensors(graph) -> Iterator:
                 yield from _tensors(subgraph)
 
 
-def read_graph(bundle: str | os.PathLike, rel: str):
+def read_graph(bundle: str | os.PathLike, rel: str) -> tuple[bytes, onnx.ModelProto, dict[str, str]]:
     """(the file's bytes, its ModelProto without external data, external location -> path in the bundle).
 
     Each location must itself be a path below the graph's folder (``confine.bundle_parts``: not absolute, no '..');
@@ -68,7 +71,7 @@ def check_external(bundle: str | os.PathLike, external: dict[str, str]) -> None:
         open_inside(bundle, rel).close()
 
 
-def external_bytes(bundle: str | os.PathLike, external: dict[str, str], tensor) -> bytes:
+def external_bytes(bundle: str | os.PathLike, external: dict[str, str], tensor: onnx.TensorProto) -> bytes:
     """The raw bytes of an external-data tensor of a graph ``read_graph`` read, through ``open_inside``."""
     info = {entry.key: entry.value for entry in tensor.external_data}
     with open_inside(bundle, external[info["location"]]) as handle:
@@ -76,7 +79,7 @@ def external_bytes(bundle: str | os.PathLike, external: dict[str, str], tensor) 
         return handle.read(int(info["length"])) if "length" in info else handle.read()
 
 
-def external_array(bundle: str | os.PathLike, external: dict[str, str], tensor):
+def external_array(bundle: str | os.PathLike, external: dict[str, str], tensor: onnx.TensorProto):
     """The numpy value of an external-data tensor (the lint reads a few scales and zero points this way, never a
     whole weight file)."""
     import onnx

@@ -127,13 +127,16 @@ def test_run_refuses_a_symlink_and_does_not_follow_it(cw, bundle_copy, outside, 
 # --- A.2: every path-bearing manifest field: absolute, '..' and symlinked ------------------------------------
 
 FIELDS = ["graphs.low_res.file", "files", "tokenizer.folder", "graphs.low_res.quantization.encodings",
-          "graphs.low_res.quantization.details.encodings_graph"]
+          "graphs.low_res.quantization.details.encodings_graph", "context_binaries.SM8650.low_res.model",
+          "context_binaries.SM8650.low_res.binary"]
+CONTEXT = {"model": "context/SM8650/low_res_ctx.onnx", "binary": "context/SM8650/low_res_ctx.bin"}
 
 
 def _hostile_field(bundle: Path, outside: Path, field: str, form: str) -> str:
     """Point ``field`` at a file outside the bundle in ``form``; returns the path written into the manifest."""
     source = {"graphs.low_res.file": "graphs/low_res.onnx", "tokenizer.folder": "tokenizer",
-              "graphs.low_res.quantization.details.encodings_graph": "graphs/low_res.onnx"}.get(field)
+              "graphs.low_res.quantization.details.encodings_graph": "graphs/low_res.onnx",
+              "context_binaries.SM8650.low_res.model": "graphs/low_res.onnx"}.get(field)
     target = _outside_copy(bundle, outside, source) if source else outside / "secret.txt"
     if form == "absolute":
         value = str(target)
@@ -143,7 +146,8 @@ def _hostile_field(bundle: Path, outside: Path, field: str, form: str) -> str:
     else:
         value = {"graphs.low_res.file": "graphs/other.onnx", "files": "leak.txt", "tokenizer.folder": "tok",
                  "graphs.low_res.quantization.encodings": "encodings/low_res.json",
-                 "graphs.low_res.quantization.details.encodings_graph": "encodings/low_res_fp32.onnx"}[field]
+                 "graphs.low_res.quantization.details.encodings_graph": "encodings/low_res_fp32.onnx",
+                 **{f"context_binaries.SM8650.low_res.{key}": rel for key, rel in CONTEXT.items()}}[field]
         _link(bundle / value, target)
 
     def edit(manifest: dict) -> None:
@@ -157,8 +161,11 @@ def _hostile_field(bundle: Path, outside: Path, field: str, form: str) -> str:
             manifest["tokenizer"]["folder"] = value
         elif field.endswith(".encodings"):
             _quantization(graph, value, "graphs/low_res.onnx")
-        else:
+        elif field.endswith(".encodings_graph"):
             _quantization(graph, "encodings/low_res.json", value)
+        else:
+            key = field.rsplit(".", 1)[1]
+            manifest["context_binaries"] = {"SM8650": {"low_res": {**CONTEXT, key: value}}}
 
     if field.endswith(".encodings_graph"):
         (bundle / "encodings").mkdir(exist_ok=True)
@@ -243,7 +250,7 @@ def test_validate_refuses_external_data_outside_the_bundle(cw, bundle_copy, outs
         assert "symbolic link in the bundle (not followed): graphs/low_res.onnx.data" in result.stdout
     else:
         assert_user_error(result, "failed 1 check(s): low_res onnx")
-        assert f"external data location {location!r} is not a path inside the bundle" in result.stdout
+        assert f"external data location {location!r:.160} is not a path inside the bundle" in result.stdout
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verify", "no_verify"])
@@ -258,8 +265,8 @@ def test_run_refuses_external_data_outside_the_bundle_in_one_line(cw, bundle_cop
         assert_user_error(result, "symbolic link in the bundle (not followed): graphs/low_res.onnx.data" if verify
                           else "graphs/low_res.onnx.data is a symbolic link")
     else:
-        assert_user_error(result, f"graphs/low_res.onnx: external data location {location!r} is not a path inside "
-                                  "the bundle")
+        assert_user_error(result, f"graphs/low_res.onnx: external data location {location!r:.160} is not a path "
+                                  "inside the bundle")
     assert_nothing_written(out)
 
 
@@ -313,3 +320,35 @@ def test_open_inside_reads_regular_files_and_follows_the_bundle_argument(bundle_
     link.symlink_to(bundle_copy, target_is_directory=True)
     assert read_inside(link, "tokenizer/vocab.json") == (bundle_copy / "tokenizer" / "vocab.json").read_bytes()
     assert read_inside(link, "tokenizer/absent.json", missing_ok=True) is None
+
+
+def test_a_symlinked_folder_is_one_finding_and_nothing_behind_it_is_listed(bundle_copy, outside):
+    from cw_export.contract.manifest import list_files, read_manifest, verify_bundle
+
+    _make_link(bundle_copy, outside, "tokenizer")
+    assert verify_bundle(bundle_copy, read_manifest(bundle_copy)) == [
+        "symbolic link in the bundle (not followed): tokenizer"]
+    assert not [rel for rel in list_files(bundle_copy) if rel.startswith("tokenizer")]
+
+
+@pytest.mark.parametrize("provider", ["cpu", "qnn-htp"])
+def test_in_memory_sessions_equal_sessions_from_the_path(tmp_path, provider):
+    """``bundle_session`` hands onnxruntime bytes and in-memory external data: on the CPU EP and on the (emulated)
+    QNN HTP this gives the very outputs a session created from the file gives."""
+    import onnx
+    from qdq_graphs import quantized_conv
+
+    from cw_export.runtime.sessions import InMemoryGraph, create_session, session_config
+
+    _, qdq, data = quantized_conv(tmp_path, "conv_qdq.onnx")
+    model = onnx.load(str(qdq))
+    onnx.save_model(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data",
+                    size_threshold=0)
+    in_memory = InMemoryGraph("conv", (tmp_path / "ext.onnx").read_bytes(),
+                              {"ext.onnx.data": (tmp_path / "ext.onnx.data").read_bytes()})
+    config = session_config("basic")
+    from_path = create_session(tmp_path / "ext.onnx", provider, config=config, precision="w8a8")
+    from_memory = create_session(in_memory, provider, config=config, precision="w8a8")
+    assert from_memory.get_providers() == from_path.get_providers()
+    for x in data[:2]:
+        assert np.array_equal(from_path.run(["y"], {"x": x})[0], from_memory.run(["y"], {"x": x})[0])
