@@ -207,17 +207,19 @@ def _attr(node, name: str, default):
 SMALL_EXTERNAL_BYTES = 1 << 16  # shape/index constants the shape inference must read; weights stay on disk
 
 
-def _load_structure(path: Path):
-    """The graph without its weights, except small external tensors (shape arithmetic constants)."""
+def _load_structure(bundle: Path, rel: str):
+    """The graph without its weights, except small external tensors (shape arithmetic constants), read through the
+    bundle's confinement (``runtime.graph_file``)."""
     import onnx
-    from onnx import external_data_helper
 
-    model = onnx.load(str(path), load_external_data=False)
+    from ..runtime.graph_file import external_bytes, read_graph
+
+    _, model, external = read_graph(bundle, rel)
     for tensor in model.graph.initializer:
-        if external_data_helper.uses_external_data(tensor):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {entry.key: entry.value for entry in tensor.external_data}
             if int(info.get("length", SMALL_EXTERNAL_BYTES + 1)) <= SMALL_EXTERNAL_BYTES:
-                external_data_helper.load_external_data_for_tensor(tensor, str(Path(path).parent))
+                tensor.raw_data = external_bytes(bundle, external, tensor)
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
     return model
@@ -257,15 +259,18 @@ def eight_bit_activations(graph, constant: set[str]) -> set[str]:
     return found
 
 
-def count_onnx(path: Path) -> GraphCost:
-    """MAC-based cost of one ONNX graph, divided by its batch (the first dim of its first input).
+def count_onnx(path: Path, rel: str | None = None) -> GraphCost:
+    """MAC-based cost of one ONNX graph (``path``, or ``rel`` in the bundle ``path``), divided by its batch (the
+    first dim of its first input).
 
     Shapes come from onnx.shape_inference (with data propagation); graphs that were not simplified keep Shape->Slice
     arithmetic it cannot follow, and then onnxruntime's symbolic shape inference fills them in.
     """
     import onnx
 
-    model = _load_structure(path)
+    if rel is None:
+        path, rel = Path(path).parent, Path(path).name
+    model = _load_structure(path, rel)
     graph = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
     shapes = _shapes(graph)
     if not _counted_nodes_known(graph, shapes):
@@ -283,7 +288,7 @@ def count_onnx(path: Path) -> GraphCost:
         before = conv + linear + attention
         dims = [shapes.get(name) for name in list(node.input[:2]) + [node.output[0]]]
         if any(d is None or any(v < 0 for v in d) for d in dims):
-            raise BundleError(f"{path.name}: node {node.name or op} has unknown shapes; cannot count its FLOPs")
+            raise BundleError(f"{Path(rel).name}: node {node.name or op} has unknown shapes; cannot count its FLOPs")
         a, b, y = dims
         if op == "Conv":  # W [Cout, Cin/g, k...]: every output element reads Cin/g * k... inputs
             conv += _prod(y) * _prod(b[1:])
@@ -307,7 +312,7 @@ def count_onnx(path: Path) -> GraphCost:
 
 
 def count_bundle(bundle: Path, manifest: dict) -> dict[str, GraphCost]:
-    return {name: count_onnx(Path(bundle) / graph["file"]) for name, graph in sorted(manifest["graphs"].items())}
+    return {name: count_onnx(Path(bundle), graph["file"]) for name, graph in sorted(manifest["graphs"].items())}
 
 
 # --- schedule -----------------------------------------------------------------------------------------------------

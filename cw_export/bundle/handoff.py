@@ -20,6 +20,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..contract.confine import read_inside
+from ..errors import BundleError
+from ..runtime.graph_file import external_array, read_graph
+
 HANDOFF_NAME = "README.md"
 SECTIONS = ("Files", "The denoising loop", "Step table", "Graphs", "Running on the Snapdragon NPU", "Measured parity")
 
@@ -214,28 +218,34 @@ def _step_table_section(manifest: dict) -> str:
 
 
 # -- 4. graphs -----------------------------------------------------------------------------------------------------
-def _qdq_io(path: Path) -> dict[str, str]:
+def _qdq_io(bundle: Path, rel: str) -> dict[str, str]:
     """Graph input/output name -> 'uint16 scale=... zero_point=...' of the QuantizeLinear it feeds (inputs) or the
     DequantizeLinear that produces it (outputs); tensors without one are absent."""
     import onnx
     from onnx import numpy_helper
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        _, model, external = read_graph(bundle, rel)  # through the bundle's confinement, without external data
     except Exception:  # boundary: an unreadable graph is reported by validate; here it only has no Q/DQ details
         return {}
     inits = {i.name: i for i in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
     found: dict[str, str] = {}
+
+    def value(tensor):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return external_array(bundle, external, tensor)
+        return numpy_helper.to_array(tensor)
+
     for node in model.graph.node:
         name = (node.input[0] if node.op_type == "QuantizeLinear" and node.input[0] in inputs else
                 node.output[0] if node.op_type == "DequantizeLinear" and node.output[0] in outputs else None)
         if name is None or name in found or len(node.input) < 3 or not {node.input[1], node.input[2]} <= set(inits):
             continue
         try:
-            scale = numpy_helper.to_array(inits[node.input[1]], base_dir=str(path.parent)).reshape(-1)
-            zero = numpy_helper.to_array(inits[node.input[2]], base_dir=str(path.parent)).reshape(-1)
+            scale = value(inits[node.input[1]]).reshape(-1)
+            zero = value(inits[node.input[2]]).reshape(-1)
         except Exception:  # boundary: external data missing
             continue
         if scale.size == 1:
@@ -250,11 +260,11 @@ def _encodings_io(bundle: Path, quant: dict) -> dict[str, str]:
     if not quant.get("encodings"):
         return {}
     try:
-        data = json.loads((bundle / quant["encodings"]).read_text(encoding="utf-8"))
+        data = json.loads(read_inside(bundle, quant["encodings"]).decode("utf-8"))
         entries = data["activation_encodings"]
         if isinstance(entries, dict):  # pre-1.0.0 format: name -> [encoding]
             entries = [{"name": k, **(v[0] if isinstance(v, list) and v else {})} for k, v in entries.items()]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (BundleError, OSError, ValueError, KeyError, TypeError):
         return {}
     found = {}
     for e in entries:
@@ -296,7 +306,7 @@ def _graphs_section(bundle: Path, manifest: dict) -> str:
                 lines.append("Details: " + "; ".join(str(e) for e in extra) + ".")
         elif quant.get("reason"):
             lines.append(f"Not quantized: {quant['reason']}.")
-        qdq = _qdq_io(bundle / graph["file"]) if quant.get("backend") else {}
+        qdq = _qdq_io(bundle, graph["file"]) if quant.get("backend") else {}
         enc = _encodings_io(bundle, quant)
         header = ["", "tensor", "shape"] + (["quantization (QDQ graph)"] if quant.get("backend") else []) \
             + (["encodings"] if enc else [])

@@ -2,7 +2,8 @@
 
 The manifest is the contract with mobile teams: every file with its sha256 and size, each graph's I/O, the wiring
 between graphs, the clock schedule and the sampler's per-step table. ``verify_bundle`` reports every problem it finds
-(changed, missing or extra bytes) rather than stopping at the first.
+(changed, missing or extra bytes, symlinks) rather than stopping at the first. Every file is read through
+``confine`` (regular files inside the bundle, no symlink followed), whatever the manifest's hashes say.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 from ..errors import BundleError
+from .confine import open_inside, read_inside, sha256_handle, walk_bundle
 from .schema import Manifest, parse_manifest
 
 SCHEMA_VERSION = 2  # 2: high_res_in reads "time_features" (manifest["time_features"]) instead of the timestep
@@ -22,11 +24,9 @@ SELF_HASH_KEY = "manifest_sha256"  # sha256 of the manifest's canonical bytes wi
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a file the caller wrote itself (a bundle's files are read through ``confine``)."""
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_handle(handle)
 
 
 def _canonical(manifest: dict) -> bytes:
@@ -43,27 +43,28 @@ def manifest_bytes(manifest: dict) -> bytes:
     return _canonical({**body, SELF_HASH_KEY: hashlib.sha256(_canonical(body)).hexdigest()})
 
 
-def _manifest_problem(bundle: Path) -> str | None:
-    """Why manifest.json is not exactly the bytes ``manifest_bytes`` wrote (None when it is)."""
+def _manifest_problem(bundle: Path, manifest: dict) -> str | None:
+    """Why manifest.json is not exactly the bytes ``manifest_bytes`` writes for ``manifest`` (None when it is).
+
+    ``manifest`` is the object the caller goes on to use, so the bytes checked are those of what is used."""
+    if SELF_HASH_KEY not in manifest:
+        return f"{MANIFEST_NAME} has no {SELF_HASH_KEY} (written by an older cw-export or by hand); rebuild it"
     try:
-        raw = (bundle / MANIFEST_NAME).read_bytes()
-        data = json.loads(raw)
-        if SELF_HASH_KEY not in data:
-            return f"{MANIFEST_NAME} has no {SELF_HASH_KEY} (written by an older cw-export or by hand); rebuild it"
-        same = manifest_bytes(data) == raw
-    except (OSError, ValueError, TypeError, AttributeError):
+        same = manifest_bytes(manifest) == read_inside(bundle, MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
+    except (BundleError, ValueError, TypeError):
         same = False
     return None if same else f"{MANIFEST_NAME} changed since it was written (its bytes do not match {SELF_HASH_KEY})"
 
 
 def list_files(bundle: Path) -> dict[str, dict]:
-    """sha256 and size of every file in the bundle except the manifest itself, keyed by POSIX relative path."""
+    """sha256 and size of every regular file in the bundle except the manifest itself, keyed by POSIX relative path
+    (read as ``verify_bundle`` reads them: symlinks are not followed, and not listed)."""
     entries = {}
-    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
-        rel = path.relative_to(bundle).as_posix()
+    for rel in walk_bundle(bundle)[0]:
         if rel == MANIFEST_NAME:
             continue
-        entries[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        with open_inside(bundle, rel) as handle:
+            entries[rel] = {"sha256": sha256_handle(handle), "size": os.fstat(handle.fileno()).st_size}
     return entries
 
 
@@ -77,16 +78,12 @@ def load_manifest(bundle: str | os.PathLike) -> Manifest:
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise BundleError(f"bundle folder not found: {bundle}")
-    path = bundle / MANIFEST_NAME
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise BundleError(f"{bundle}: {MANIFEST_NAME} is not a regular file")
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{bundle}: {MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"not a bundle (no {MANIFEST_NAME}): {bundle}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raw = read_inside(bundle, MANIFEST_NAME, missing_ok=True, limit=MAX_MANIFEST_BYTES)
+        if raw is None:
+            raise BundleError(f"not a bundle (no {MANIFEST_NAME}): {bundle}")
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         what = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise BundleError(f"corrupt {MANIFEST_NAME} in {bundle}: {what}") from None
     if not isinstance(manifest, dict):
@@ -97,43 +94,37 @@ def load_manifest(bundle: str | os.PathLike) -> Manifest:
     for key in ("files", "graphs", "wiring", "schedule", "sampler", "latent", "time_features"):
         if key not in manifest:
             raise BundleError(f"{bundle}: manifest lacks '{key}'")
-    _check_tables(bundle, manifest)
     return parse_manifest(manifest, str(bundle))
 
 
-def _inside(rel: object) -> bool:
-    """A relative POSIX path that stays inside the bundle (no absolute paths, no '..')."""
-    return isinstance(rel, str) and bool(rel) and not rel.startswith("/") and ".." not in rel.split("/")
-
-
-def _check_tables(bundle: Path, manifest: dict) -> None:
-    """The shapes verify_bundle and the runtime rely on, so a hand-edited manifest is one BundleError, not a crash."""
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(
-            _inside(rel) and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-            and isinstance(entry.get("size"), int) for rel, entry in files.items()):
-        raise BundleError(f"{bundle}: manifest 'files' must map paths inside the bundle to their sha256 and size")
-    graphs = manifest["graphs"]
-    if not isinstance(graphs, dict) or not all(isinstance(g, dict) and _inside(g.get("file")) for g in graphs.values()):
-        raise BundleError(f"{bundle}: manifest 'graphs' must give each graph a 'file' inside the bundle")
-
-
 def verify_bundle(bundle: str | os.PathLike, manifest: dict) -> list[str]:
-    """Every mismatch between the files on disk and the manifest, as human-readable lines (empty = intact)."""
+    """Every mismatch between the files on disk and the manifest, as human-readable lines (empty = intact).
+
+    A symlink or other non-regular entry is a finding of its own and is never followed or hashed through (what
+    lies behind a symlinked folder is not listed as missing: the link is the finding)."""
     bundle = Path(bundle)
-    problems = [p for p in [_manifest_problem(bundle)] if p]
+    problems = [p for p in [_manifest_problem(bundle, manifest)] if p]
+    files, odd = walk_bundle(bundle)
+    for rel in odd:
+        kind = "symbolic link in the bundle (not followed)" if (bundle / rel).is_symlink() else "not a regular file"
+        problems.append(f"{kind}: {rel}")
     expected = manifest["files"]
-    actual_names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {MANIFEST_NAME}
-    for rel in sorted(set(expected) - actual_names):
+    actual_names = set(files) - {MANIFEST_NAME}
+    behind_odd = {rel for rel in expected if any(rel == o or rel.startswith(f"{o}/") for o in odd)}
+    for rel in sorted(set(expected) - actual_names - behind_odd):
         problems.append(f"missing file: {rel}")
     for rel in sorted(actual_names - set(expected)):
         problems.append(f"extra file not in manifest: {rel}")
     for rel in sorted(set(expected) & actual_names):
-        path = bundle / rel
-        if path.stat().st_size != expected[rel]["size"]:
-            problems.append(f"size changed: {rel} ({path.stat().st_size} != {expected[rel]['size']} bytes)")
-        elif sha256_file(path) != expected[rel]["sha256"]:
-            problems.append(f"sha256 changed: {rel}")
+        try:
+            with open_inside(bundle, rel) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size != expected[rel]["size"]:
+                    problems.append(f"size changed: {rel} ({size} != {expected[rel]['size']} bytes)")
+                elif sha256_handle(handle) != expected[rel]["sha256"]:
+                    problems.append(f"sha256 changed: {rel}")
+        except BundleError as exc:  # replaced since the walk: reported, never followed
+            problems.append(str(exc))
     for name, graph in manifest["graphs"].items():
         if graph.get("file") not in expected:
             problems.append(f"graph {name} file {graph.get('file')!r} is not listed in the manifest's files")

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import BundleError
+from .confine import bundle_parts
 from .graphs import CLOCKED, FULL, GRAPHS
 
 DTYPES = ("float32", "float16", "int64", "int32")  # graph I/O element types the runtime feeds and reads
@@ -157,9 +158,10 @@ class _Reader:
         return {self.text(k, f"{path} key"): self.text(v, f"{path}.{k}") for k, v in data.items()}
 
     def inside(self, value, path: str) -> str:
-        """A relative POSIX path that stays inside the bundle (no absolute path, no '..', no backslash)."""
+        """A relative POSIX path that stays inside the bundle (``confine.bundle_parts``: the rule every path field
+        of the manifest goes through; the files themselves are opened through ``confine.open_inside``)."""
         rel = self.text(value, path)
-        if rel.startswith("/") or "\\" in rel or ":" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+        if bundle_parts(rel) is None:
             self.fail(path, f"{rel!r:.80} is not a path inside the bundle")
         return rel
 
@@ -287,6 +289,11 @@ def parse_manifest(data: object, where: str = "bundle") -> Manifest:
     if not isinstance(shape, list) or len(shape) != 4 or shape[:1] != [1]:
         r.fail("latent.shape", f"must be [1, channels, height, width], got {shape!r:.60}")
     latent_shape = tuple(r.integer(d, f"latent.shape[{i}]", 1, MAX_DIM) for i, d in enumerate(shape))
+    for soc, per_graph in r.obj(data.get("context_binaries", {}), "context_binaries").items():  # QNN EPContext
+        for graph, entry in r.obj(per_graph, f"context_binaries.{soc}").items():
+            path = f"context_binaries.{soc}.{graph}"
+            for key in ("model", "binary"):
+                r.inside(r.key(r.obj(entry, path), key, path), f"{path}.{key}")
     tokenizer = r.obj(r.key(data, "tokenizer", ""), "tokenizer")
     adaptor = r.obj(r.key(data, "adaptor", ""), "adaptor")
     return Manifest(

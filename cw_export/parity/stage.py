@@ -11,7 +11,7 @@ import numpy as np
 from ..calibrate.stage import prompt_subset, tokenizer_fn
 from ..prompts import prompt_set_hash
 from ..quantize.fallback import A16Fallback, apply_fallbacks, keep_fp32_where_parity_requires
-from ..runtime.sessions import create_session, manifest_session_config
+from ..runtime.sessions import bundle_session, create_session, manifest_session_config
 from .measure import ImageReferences, gate, measure
 
 def heldout_prompts(recipe) -> list[str]:
@@ -26,9 +26,7 @@ def image_references(model, manifest: dict, bundle: Path, provider: str = "cpu")
     from ..reference import decode_image, torch_trajectory
 
     decoder = manifest["wiring"]["decode"]["graph"]
-    spec = manifest["graphs"][decoder]
-    session = create_session(bundle / spec["file"], provider, config=manifest_session_config(manifest),
-                             precision=spec.get("precision"))
+    session = bundle_session(bundle, manifest, decoder, provider)
     schedule = manifest["schedule"]
 
     def full_fp32(hidden: np.ndarray, noise: np.ndarray) -> np.ndarray:

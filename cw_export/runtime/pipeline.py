@@ -18,9 +18,10 @@ import numpy as np
 from ..contract.graphs import TEXT_OUTPUTS
 from ..errors import InputError, NumericError
 from . import schedulers
+from ..contract.confine import read_inside
 from ..contract.manifest import load_verified
 from ..contract.schedule import CLOCKED, step_kinds
-from .sessions import check_provider, create_session, manifest_session_config
+from .sessions import bundle_session, check_provider
 from .time_features import sinusoidal_time_features
 
 StepHook = Callable[[int, str, dict], None]
@@ -63,11 +64,9 @@ class BundleRunner:
         if graph not in self._sessions:
             if self.bundle is None:
                 raise KeyError(f"graph {graph} was not given to BundleRunner.from_sessions")
-            # the session settings parity was measured under (manifest "session_options"; PLATFORM.md)
-            spec = self.manifest["graphs"][graph]
-            self._sessions[graph] = create_session(self.bundle / spec["file"], self.provider,
-                                                   config=manifest_session_config(self.manifest),
-                                                   precision=spec.get("precision", "fp32"))
+            # the session settings parity was measured under (manifest "session_options"; PLATFORM.md), the graph
+            # read through the bundle's confinement (sessions.bundle_session)
+            self._sessions[graph] = bundle_session(self.bundle, self.manifest, graph, self.provider)
         return self._sessions[graph]
 
     # -- text ---------------------------------------------------------------------------------------------------
@@ -81,7 +80,9 @@ class BundleRunner:
             prompt.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
         except UnicodeEncodeError:
             raise InputError("--prompt is not UTF-8 text (check the terminal's or the script's encoding)") from None
-        tokenizer = ClipTokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["folder"])
+        folder = self.manifest["tokenizer"]["folder"]
+        tokenizer = ClipTokenizer.from_files(lambda name: read_inside(
+            self.bundle, f"{folder}/{name}", missing_ok=name in ClipTokenizer.OPTIONAL_FILES))
         return self.encode_ids(tokenizer([negative_prompt, prompt]))
 
     def encode_ids(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,15 +6,23 @@ entirely on the NPU or fails with one line naming it and its unsupported op type
 (docs/qnn_htp.md). onnxruntime's graph optimisations change QDQ numerics (PLATFORM.md: one W8A8 QDQ UNet
 fell from 23 dB to 5 dB SQNR under ORT_ENABLE_ALL), so a bundle records the session settings its parity was measured
 under (``manifest["session_options"]``) and the runtime creates every session with exactly those settings.
+
+A bundle's graphs reach onnxruntime as bytes, with their external data in memory (``bundle_session``): onnxruntime
+opens no file of a bundle, so it cannot follow a symlink out of it (``graph_file``).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
 
+from ..contract.confine import map_inside
 from ..errors import BundleError, InputError
+from .graph_file import read_graph
 
 PROVIDERS = ("cpu", "qnn-htp")
 
@@ -72,9 +80,31 @@ def session_options(disabled_optimizers: list[str] | None = None, threads: int =
     return options
 
 
-def create_session(path: Path, provider: str = "cpu", options: ort.SessionOptions | None = None,
+@dataclass(frozen=True)
+class InMemoryGraph:
+    """A graph's ONNX bytes and its external data files (location -> bytes-like), already read: onnxruntime is
+    given these and opens no file."""
+
+    name: str
+    data: bytes
+    external: dict[str, object] = field(default_factory=dict)
+
+
+def _session(model: Path | InMemoryGraph, options: ort.SessionOptions, **kwargs) -> ort.InferenceSession:
+    """An InferenceSession of a graph file or of an InMemoryGraph (its files registered on ``options``, which is
+    used once: onnxruntime copies what it needs while the session is created)."""
+    if not isinstance(model, InMemoryGraph):
+        return ort.InferenceSession(str(model), options, **kwargs)
+    if model.external:
+        names = list(model.external)
+        buffers = [model.external[name] for name in names]
+        options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+    return ort.InferenceSession(model.data, options, **kwargs)
+
+
+def create_session(path: Path | InMemoryGraph, provider: str = "cpu", options: ort.SessionOptions | None = None,
                    config: dict | None = None, precision: str | None = None):
-    """An InferenceSession for one graph file on the named provider.
+    """An InferenceSession for one graph (a file, or an InMemoryGraph: ``bundle_session``) on the named provider.
 
     ``precision`` is the manifest's graph precision: on ``qnn-htp`` an ``fp32`` graph runs on the CPU EP, any other
     (or unknown) precision on the HTP with CPU fallback disabled.
@@ -88,10 +118,30 @@ def create_session(path: Path, provider: str = "cpu", options: ort.SessionOption
         options = session_options(graph_optimization_level=config["graph_optimization_level"])
         disabled = list(config.get("disabled_optimizers", []))
     kwargs = {"disabled_optimizers": disabled} if disabled else {}
+    model = path if isinstance(path, InMemoryGraph) else Path(path)
     if provider == "qnn-htp" and precision != "fp32":
-        return _qnn_htp_session(Path(path), options or session_options(), kwargs)
-    return ort.InferenceSession(str(path), options or session_options(), providers=["CPUExecutionProvider"],
-                                **kwargs)
+        return _qnn_htp_session(model, options or session_options(), kwargs)
+    return _session(model, options or session_options(), providers=["CPUExecutionProvider"], **kwargs)
+
+
+def bundle_session(bundle: str | os.PathLike, manifest: dict, graph: str, provider: str = "cpu"):
+    """The session of one graph of a bundle, under the manifest's recorded session settings.
+
+    The graph file and its external data are read through the confinement (``graph_file.read_graph``, files mapped
+    from the descriptors ``open_inside`` checked) and handed over in memory: a location outside the bundle or a
+    symlink is one BundleError before onnxruntime sees the graph, and what onnxruntime loads is what was checked."""
+    spec = manifest["graphs"][graph]
+    config = manifest_session_config(manifest)
+    data, model, external = read_graph(bundle, spec["file"])
+    del model  # only the locations were needed; the bytes are what onnxruntime parses
+    files = {location: map_inside(bundle, rel) for location, rel in external.items()}
+    try:
+        return create_session(InMemoryGraph(graph, data, files), provider, config=config,
+                              precision=spec.get("precision", "fp32"))
+    finally:
+        for mapped in files.values():
+            if isinstance(mapped, mmap.mmap):
+                mapped.close()
 
 
 def check_provider(provider: str) -> None:
@@ -123,26 +173,27 @@ def _qnn_htp_options(options: ort.SessionOptions, fallback: bool) -> ort.Session
     return options
 
 
-def cpu_assigned_ops(path: Path, options: ort.SessionOptions, kwargs: dict) -> list[str]:
-    """Op types of ``path`` that onnxruntime assigns to the CPU EP when QNN HTP is tried with fallback allowed."""
+def cpu_assigned_ops(model: Path | InMemoryGraph, options: ort.SessionOptions, kwargs: dict) -> list[str]:
+    """Op types of ``model`` that onnxruntime assigns to the CPU EP when QNN HTP is tried with fallback allowed."""
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    session = ort.InferenceSession(str(path), _qnn_htp_options(options, fallback=True), **kwargs)
+    session = _session(model, _qnn_htp_options(options, fallback=True), **kwargs)
     return sorted({node.op_type for subgraph in session.get_provider_graph_assignment_info()
                    if subgraph.ep_name != QNN_EP for node in subgraph.get_nodes()})
 
 
-def _qnn_htp_session(path: Path, options: ort.SessionOptions, kwargs: dict):
+def _qnn_htp_session(model: Path | InMemoryGraph, options: ort.SessionOptions, kwargs: dict):
     level = options.graph_optimization_level
     try:
-        return ort.InferenceSession(str(path), _qnn_htp_options(options, fallback=False), **kwargs)
+        return _session(model, _qnn_htp_options(options, fallback=False), **kwargs)
     except Exception as exc:  # boundary: onnxruntime raises its own Fail/RuntimeError types
         reason = " ".join(str(exc).split())[:160]
     try:
         retry = ort.SessionOptions()
         retry.graph_optimization_level = level
-        ops = cpu_assigned_ops(path, retry, kwargs)
+        ops = cpu_assigned_ops(model, retry, kwargs)
     except Exception as exc:  # boundary: the diagnosis is best effort
         ops, reason = [], f"{reason}; placement unknown ({' '.join(str(exc).split())[:80]})"
     compute = [op for op in ops if op not in ("QuantizeLinear", "DequantizeLinear")]  # Q/DQ go with their op
     detail = f"unsupported op types {', '.join(compute or ops)}" if ops else reason
-    raise BundleError(f"graph {path.stem} cannot run fully on qnn-htp: {detail}")
+    name = model.name if isinstance(model, InMemoryGraph) else model.stem
+    raise BundleError(f"graph {name} cannot run fully on qnn-htp: {detail}")

@@ -29,6 +29,7 @@ import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -156,6 +157,8 @@ def _token_content(value: object) -> str | None:
 class ClipTokenizer:
     """CLIP BPE tokenizer giving the same ``input_ids`` as transformers' CLIPTokenizer for diffusers-style calls."""
 
+    OPTIONAL_FILES = ("special_tokens_map.json", "tokenizer_config.json")  # besides vocab.json and merges.txt
+
     def __init__(
         self,
         vocab: dict[str, int],
@@ -187,17 +190,30 @@ class ClipTokenizer:
     def from_dir(cls, path: str | os.PathLike[str]) -> ClipTokenizer:
         """Load vocab.json, merges.txt and (if present) tokenizer_config.json / special_tokens_map.json."""
         root = Path(path)
-        vocab = json.loads((root / "vocab.json").read_text(encoding="utf-8"))
+        return cls.from_files(lambda name: (root / name).read_bytes() if (root / name).is_file() else None)
+
+    @classmethod
+    def from_files(cls, read: Callable[[str], bytes | None]) -> ClipTokenizer:
+        """``from_dir`` over ``read(name)``: a file's bytes, or None when it is absent (a bundle's files are read
+        through its confinement: ``BundleRunner.encode_prompt``)."""
+        def required(name: str) -> str:
+            data = read(name)
+            if data is None:
+                raise FileNotFoundError(f"tokenizer file {name} not found")
+            return data.decode("utf-8")
+
+        vocab = json.loads(required("vocab.json"))
         merges: list[tuple[str, str]] = []
-        for line in (root / "merges.txt").read_text(encoding="utf-8").splitlines():
+        for line in required("merges.txt").splitlines():
             if line.startswith("#version") or not line.strip():
                 continue
             a, b = line.split(" ")
             merges.append((a, b))
         settings: dict[str, object] = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins, as in transformers
-            if (root / name).is_file():
-                settings.update(json.loads((root / name).read_text(encoding="utf-8")))
+        for name in cls.OPTIONAL_FILES:  # the config wins, as in transformers
+            data = read(name)
+            if data is not None:
+                settings.update(json.loads(data.decode("utf-8")))
         kwargs = {k: tok for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                   if (tok := _token_content(settings.get(k))) is not None}
         max_len = settings.get("model_max_length", DEFAULT_MAX_LENGTH)

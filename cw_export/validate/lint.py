@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from ..contract.confine import read_inside
+from ..errors import BundleError
+from ..runtime.graph_file import external_array, read_graph
 from .check import Check
 from .integrity import _onnx_io, io_difference
 
@@ -32,8 +35,6 @@ def encodings_checks(bundle: Path, manifest: dict) -> list[Check]:
     the ones the manifest records (weights; activations, or the 16-bit time features)."""
     import json
 
-    import onnx
-
     checks = []
     for name, graph in sorted(manifest["graphs"].items()):
         quant = graph.get("quantization") or {}
@@ -41,12 +42,12 @@ def encodings_checks(bundle: Path, manifest: dict) -> list[Check]:
             continue
         details = quant.get("details") or {}
         try:
-            data = json.loads((bundle / quant["encodings"]).read_text(encoding="utf-8"))
+            data = json.loads(read_inside(bundle, quant["encodings"]).decode("utf-8"))
             activations = _encoding_entries(data["activation_encodings"])
             params = _encoding_entries(data["param_encodings"])
-            model = onnx.load(str(bundle / details["encodings_graph"]), load_external_data=False)
+            model = read_graph(bundle, details["encodings_graph"])[1]
         except Exception as exc:  # boundary: an unreadable encodings file or graph is a finding, not a crash
-            checks.append(Check(f"{name} encodings", False, " ".join(f"{type(exc).__name__}: {exc}".split())[:200]))
+            checks.append(Check(f"{name} encodings", False, _one_line(exc, bundle)))
             continue
         tensors = ({t.name for t in model.graph.initializer} | {t.name for t in model.graph.input}
                    | {out for node in model.graph.node for out in node.output})
@@ -78,7 +79,9 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 BIAS_BITS = 32  # QNN biases: int32 DequantizeLinear initializers (scale = input scale x weight scale)
 
 
-def _one_line(exc: Exception) -> str:
+def _one_line(exc: Exception, bundle: Path | None = None) -> str:
+    if isinstance(exc, BundleError):  # the confinement's own message, which names the path
+        return " ".join(str(exc).removeprefix(f"{bundle}: ").split())[:200]
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
 
 
@@ -88,15 +91,16 @@ def _bits(values: object) -> set[int]:
 
 
 class _Graph:
-    """One ONNX graph read for the lint (without external data; initializer values are loaded on demand)."""
+    """One ONNX graph read for the lint (without external data; initializer values are loaded on demand), through
+    the bundle's confinement: ``_Graph(bundle, rel)``, or ``_Graph(path)`` with the graph's folder as the bundle."""
 
-    def __init__(self, path: Path) -> None:
-        import onnx
-
+    def __init__(self, bundle: Path, rel: str | None = None) -> None:
         from ..onnx_index import consumers, producers
 
-        self.path = path
-        self.model = onnx.load(str(path), load_external_data=False)
+        if rel is None:
+            bundle, rel = Path(bundle).parent, Path(bundle).name
+        self.bundle = bundle
+        _, self.model, self.external = read_graph(bundle, rel)
         graph = self.model.graph
         self.inits = {i.name: i for i in graph.initializer}
         self.inputs = [i.name for i in graph.input if i.name not in self.inits]
@@ -105,9 +109,13 @@ class _Graph:
         self.consumers = consumers(graph)
 
     def value(self, name: str):
+        import onnx
         from onnx import numpy_helper
 
-        return numpy_helper.to_array(self.inits[name], base_dir=str(self.path.parent))
+        tensor = self.inits[name]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return external_array(self.bundle, self.external, tensor)
+        return numpy_helper.to_array(tensor)
 
     def is_param(self, name: str) -> bool:
         """An initializer, or a Constant / Identity chain of one (aimet duplicates shared weights that way)."""
@@ -261,13 +269,13 @@ def encodings_qdq_check(bundle: Path, name: str, graph: _Graph, quant: dict) -> 
 
     details = quant.get("details") or {}
     try:
-        data = json.loads((bundle / quant["encodings"]).read_text(encoding="utf-8"))
+        data = json.loads(read_inside(bundle, quant["encodings"]).decode("utf-8"))
         encodings = {e.get("name"): e for key in ("activation_encodings", "param_encodings")
                      for e in _encoding_entries(data[key])}
-        plain = _Graph(bundle / details["encodings_graph"])
+        plain = _Graph(bundle, details["encodings_graph"])
         quantized = {**graph.stored_quantized(), **graph.quantized()}
     except Exception as exc:  # boundary: reported by the encodings check as well
-        return Check(f"{name} encodings vs QDQ", False, _one_line(exc))
+        return Check(f"{name} encodings vs QDQ", False, _one_line(exc, bundle))
     skipped_scopes = _reexpressed_scopes(graph, plain)
 
     def exempt(tensor: str, where: _Graph) -> bool:
@@ -324,10 +332,10 @@ def opset_versions_check(bundle: Path, manifest: dict, skip: set[str] = frozense
         recorded = ((quant.get("details") or {}).get("opset") if quant.get("backend")
                     else (manifest.get("recipe", {}).get("export") or {}).get("opset"))
         try:
-            model = _Graph(bundle / graph["file"]).model
+            model = _Graph(bundle, graph["file"]).model
             actual = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
         except Exception as exc:  # boundary
-            problems.append(f"{name}: {_one_line(exc)}")
+            problems.append(f"{name}: {_one_line(exc, bundle)}")
             continue
         opsets[name] = actual
         if recorded is None:
@@ -354,8 +362,6 @@ def opset_versions_check(bundle: Path, manifest: dict, skip: set[str] = frozense
 def context_binaries_check(bundle: Path, manifest: dict) -> Check:
     """Each QNN EPContext model is one EPContext node (embed_mode 0) naming the context binary beside it, both
     listed in the manifest, with the I/O of the graph it was compiled from."""
-    import onnx
-
     problems, count = [], 0
     files = manifest.get("files", {})
     for soc, per_graph in sorted(manifest["context_binaries"].items()):
@@ -367,9 +373,9 @@ def context_binaries_check(bundle: Path, manifest: dict) -> Check:
                 problems.append(f"{where}: {model_rel} / {binary_rel} not both listed in the manifest's files")
                 continue
             try:
-                model = onnx.load(str(bundle / model_rel), load_external_data=False)
+                model = read_graph(bundle, model_rel)[1]
             except Exception as exc:  # boundary
-                problems.append(f"{where}: {_one_line(exc)}")
+                problems.append(f"{where}: {_one_line(exc, bundle)}")
                 continue
             nodes = list(model.graph.node)
             attrs = {a.name: a for a in nodes[0].attribute} if len(nodes) == 1 else {}
@@ -382,7 +388,7 @@ def context_binaries_check(bundle: Path, manifest: dict) -> Check:
                                 f"manifest lists {binary_rel}")
             else:
                 spec = manifest["graphs"].get(name, {})
-                inputs, outputs = _onnx_io(bundle / model_rel)
+                inputs, outputs = _onnx_io(model)
                 difference = io_difference({"inputs": inputs, "outputs": outputs}, spec)
                 if difference:
                     problems.append(f"{where}: {difference}")
@@ -400,9 +406,9 @@ def lint_checks(bundle: Path, manifest: dict, skip: set[str] = frozenset()) -> l
         if not quant.get("backend") or name in skip:
             continue
         try:
-            deployed = _Graph(bundle / graph["file"])
+            deployed = _Graph(bundle, graph["file"])
         except Exception as exc:  # boundary: the ONNX check reports it too
-            checks.append(Check(f"{name} QDQ pairs", False, _one_line(exc)))
+            checks.append(Check(f"{name} QDQ pairs", False, _one_line(exc, bundle)))
             continue
         if quant.get("encodings"):
             checks.append(encodings_qdq_check(bundle, name, deployed, quant))

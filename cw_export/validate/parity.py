@@ -90,7 +90,7 @@ def measure_on_provider(bundle: Path, manifest: dict, model, provider: str = "cp
     from ..parity.stage import image_references
     from ..calibrate.stage import tokenizer_fn
     from ..export.torch_graphs import torch_graphs
-    from ..runtime.sessions import create_session, manifest_session_config
+    from ..runtime.sessions import bundle_session, manifest_session_config
 
     recorded = manifest["parity"]
     adaptor_state = None
@@ -103,9 +103,7 @@ def measure_on_provider(bundle: Path, manifest: dict, model, provider: str = "cp
     if config != recorded["session_options"]:
         return f"manifest session_options {config} != parity's {recorded['session_options']}"
     graphs = torch_graphs(model, manifest, adaptor_state)
-    sessions = {name: create_session(bundle / manifest["graphs"][name]["file"], provider, config=config,
-                                     precision=manifest["graphs"][name].get("precision"))
-                for name in recorded["graphs"]}
+    sessions = {name: bundle_session(bundle, manifest, name, provider) for name in recorded["graphs"]}
     images = image_references(model, manifest, bundle, provider) if "image" in recorded else None
     return measure(manifest, graphs, sessions, tokenizer_fn(model), recorded["prompts"], recorded["seeds"][0],
                    images=images, aggregate=recorded.get("prompt_aggregate", "pooled"))
