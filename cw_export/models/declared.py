@@ -14,16 +14,14 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..prompts import BUILTIN_PROMPT_SETS
+from .pipeline import BUILTIN_MODELS, BUILTIN_NAME, MODEL_DEFAULTS_NAME, SHAPES_DIR, SHAPES_NAME
 
-MODEL_DEFAULTS_NAME = "cw_export.json"
 PROMPT_SET_KEYS = ("calibration_set", "heldout_set")  # recipe [quantization] calibration_set, [parity] heldout_set
 MAX_DEFAULTS_BYTES = 1 << 16
 
 
 def model_folder(spec: str) -> Path | None:
     """The folder a model spec loads from (None for the models generated in code)."""
-    from .pipeline import BUILTIN_MODELS, BUILTIN_NAME, SHAPES_DIR, SHAPES_NAME
-
     if spec in (BUILTIN_NAME, SHAPES_NAME):
         return SHAPES_DIR
     if spec in BUILTIN_MODELS:

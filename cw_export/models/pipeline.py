@@ -136,13 +136,14 @@ def weights_hash(model: SDModel) -> str:
     return digest.hexdigest()
 
 
+MODEL_DEFAULTS_NAME = "cw_export.json"  # build defaults a model folder declares (cw_export.models.declared)
+
+
 def folder_hash(path: Path) -> str:
     """sha256 over relative paths and bytes of every file under ``path`` (sorted), for provenance: the model's
     weights, configs and tokenizer. Its ``cw_export.json`` is left out: it declares build defaults (guidance, prompt
     sets; cw_export.models.declared) that every manifest records on its own, so a changed default does not make the
     same weights another model (and does not orphan an adaptor distilled on them)."""
-    from .declared import MODEL_DEFAULTS_NAME
-
     digest = hashlib.sha256()
     files = (p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != MODEL_DEFAULTS_NAME)
     for file in sorted(files):
