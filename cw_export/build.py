@@ -27,7 +27,7 @@ from .atomic import atomic_directory, check_output_path, clean_stale_temps, paus
 from .bundle.writer import base_manifest, write_bundle
 from .contract.schedule import check_steps_and_clock
 from .distill.for_build import check_adaptor_checkpoint, load_learned_adaptor, shipped_checkpoint, state_hash
-from .errors import InputError
+from .errors import BundleError, InputError
 from .export.stage import check_fp32_parity, export_all
 from .models.memory_check import check_build_memory
 from .models.pipeline import SDModel, check_model_spec, check_out_apart, load_model, write_tokenizer_files
@@ -154,11 +154,25 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
             stages.set_postfix_str("context binaries")
             context_stage(tmp, manifest, tuple(options.socs), options.progress)
             stages.update()
-        # 8. write
+        # 8. write, then the checks `cw-export validate` runs without the source model: a build never leaves a
+        # bundle its own validate rejects
         write_bundle(tmp, manifest)
+        check_written_bundle(tmp)
         pause_point("manifest")
         stages.update()
     return out
+
+
+def check_written_bundle(folder: Path) -> None:
+    """Integrity, cross-format lint and wiring of the bundle just written, read back from disk as validate reads it
+    (cw_export.validate.static_checks)."""
+    from .contract.manifest import read_manifest
+    from .validate import static_checks
+
+    failed = [c for c in static_checks(folder, read_manifest(folder)) if not c.ok]
+    if failed:
+        raise BundleError(f"the written bundle fails its own validate: {failed[0].name}: {failed[0].detail}"
+                          + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""))
 
 
 def quantize_bundle(model: SDModel, recipe: Recipe, manifest: dict, bundle: Path, adaptor_state: dict | None,

@@ -60,7 +60,7 @@ def encodings_checks(bundle: Path, manifest: dict) -> list[Check]:
         expected_io = ([s["name"] for s in graph["inputs"]], [s["name"] for s in graph["outputs"]])
         if io_names != expected_io:
             problems.append(f"encodings graph I/O {io_names} != graph I/O {expected_io}")
-        act_bits = {quant.get("activation_bits"), details.get("time_features_bits")} - {None}
+        act_bits = _bits(quant.get("activation_bits")) | _bits(details.get("time_features_bits"))  # "8+16": both
         weights = {t.name for t in model.graph.initializer}  # aimet also lists some weights as "activations"
         wrong_acts = sorted({e.get("bw") for e in activations if e.get("name") not in weights} - act_bits, key=str)
         wrong_params = sorted({e.get("bw") for e in params + [e for e in activations if e.get("name") in weights]}

@@ -166,3 +166,31 @@ def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
     # the recorded decision agrees with the recorded numbers: every step's guidance ratio is inside the gate's bound
     assert all(abs(s["guidance_ratio"] - 1) <= GATE_GUIDANCE_TOLERANCE for s in parity["steps"]), parity["steps"]
     assert np.isfinite(parity["graphs"][GRAPH]["sqnr_db"])
+
+
+def test_aimet_mixed_bundle_passes_its_own_validate(quant, tmp_path):
+    """The aimet backend's mixed 8/16-bit low_res: its encodings say 8 and 16 bits, the manifest "8+16"; the lint
+    reads that as both (it refused such a bundle before), and the build itself runs the lint before writing."""
+    from cw_export.validate import static_checks
+
+    recipe = quant.small_recipe("snapdragon-int8", backend="aimet").with_quantization(a8_min_guidance_sqnr_db=10.0)
+    recipe = recipe.with_parity(guidance_ratio_tolerance=GATE_GUIDANCE_TOLERANCE)  # as in the ort test above
+    bundle = quant.build(recipe, tmp_path / "bundle")
+    manifest = read_manifest(bundle)
+    bits = manifest["graphs"][GRAPH]["quantization"]["activation_bits"]
+    assert bits == "8+16", manifest["graphs"][GRAPH]["quantization"]["reason"]
+    checks = static_checks(bundle, manifest)
+    assert all(c.ok for c in checks), [(c.name, c.detail) for c in checks if not c.ok]
+    assert any(c.name == f"{GRAPH} encodings" for c in checks)
+
+
+def test_a_build_refuses_to_write_a_bundle_its_validate_rejects(make_fp32_bundle, tmp_path, monkeypatch):
+    import cw_export.validate as validate
+    from cw_export.errors import BundleError
+    from cw_export.validate.check import Check
+
+    monkeypatch.setattr(validate, "static_checks", lambda folder, manifest: [Check("low_res QDQ pairs", False, "x")])
+    out = tmp_path / "bundle"
+    with pytest.raises(BundleError, match="fails its own validate: low_res QDQ pairs"):
+        make_fp32_bundle(out)
+    assert not out.exists() and not list(tmp_path.iterdir())
