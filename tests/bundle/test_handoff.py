@@ -149,3 +149,23 @@ def test_report_command_regenerates_a_stale_readme(fp32_bundle, tmp_path, capsys
     assert verify_bundle(bundle, read_manifest(bundle)) == []
     assert main(["report", str(bundle)]) == 0
     assert "hand-off unchanged" in capsys.readouterr().out
+
+
+def test_loop_section_states_text_noise_precision_image_and_cache_rules(fp32_bundle):
+    doc = _doc(fp32_bundle)
+    loop = " ".join(_section(doc, "The denoising loop").split())
+    for sentence in (
+        "`cw-export run --negative-prompt TEXT`",
+        "the ids are cut to 77 - 2 = 75, then `[BOS] + ids + [EOS]`",
+        "Truncation keeps EOS",
+        "`</w>` appended to the last symbol",
+        "numpy.random.default_rng(N).standard_normal([1, 4, 16, 16], dtype=numpy.float32)",
+        "`x0_prev` (the previous step's `x0`) is kept in float64 (never rounded)",
+        "Guidance: float32",
+        "`cache` is refreshed after *every* step, clocked ones included",
+        "ignored by this identity-adaptor bundle",
+        "`uint8(clip(floor(image * 255 + 0.5), 0, 255))`",
+    ):
+        assert sentence in loop, sentence
+    assert "Do not quantize inputs or dequantize outputs by hand" in _section(doc, "Graphs")
+    assert "from the previous full step" not in doc
