@@ -143,8 +143,8 @@ def _loop_section(manifest: dict) -> str:
         "",
         "# 1. text, once per image; batch order is [" + ", ".join(text["batch"]) + "]",
         f"{text['input']} = tokenize([negative_prompt, prompt])   # {_shape(ids_spec)}: CLIP BPE from tokenizer/, "
-        f"ids cut to {manifest['tokenizer']['model_max_length']} - 2, then [BOS] + ids + [EOS] (EOS kept), right-padded "
-        "with the pad token ('Text' below)",
+        f"ids cut to {manifest['tokenizer']['model_max_length']} - 2, then [BOS] + ids + [EOS] (EOS kept), "
+        "right-padded with the pad token ('Text' below)",
         f"{text_outputs} = {text['graph']}({text['input']}={text['input']})",
         "",
         f"# 2. denoising; x is float32 {latent}",
@@ -181,8 +181,8 @@ def _loop_section(manifest: dict) -> str:
     lines += [
         f"    # classifier-free guidance: {output} is [uncond, cond]; float32 arithmetic",
         f"    eps = {output}[0] + guidance_scale * ({output}[1] - {output}[0])   # {latent}",
-        f"    # sampler update ({sampler['name']}, {table.get('diffusers_class', '')}): x and eps widened to float64, "
-        "float64 arithmetic, x0_prev kept float64, x rounded to float32",
+        f"    # sampler update ({sampler['name']}, {table.get('diffusers_class', '')}): x and eps widened to "
+        "float64, float64 arithmetic, x0_prev kept float64, x rounded to float32",
         "    x0 = T.x0_c_sample[i] * x + T.x0_c_model_output[i] * eps",
         "    x = T.c_sample[i] * x + T.c_model_output[i] * eps + T.c_x0_prev[i] * x0_prev",
         "    x0_prev = x0",
@@ -249,8 +249,9 @@ def _loop_details(manifest: dict, pooled: bool) -> list[str]:
         "`T.input_scale[i]` in float64, rounded to float32. `time_features`: float64, rounded to float32. Guidance: "
         "float32 (`delta = noise_pred[1] - noise_pred[0]`, `eps = noise_pred[0] + float32(guidance_scale) * delta`). "
         "Sampler update: x and eps widened to float64; `x0` and the new `x` computed in float64 with the "
-        "table's float64 coefficients (manifest JSON numbers); `x0_prev` (the previous step's `x0`) is kept in float64 "
-        "(never rounded); only the new `x` is rounded to float32. The initial `x = float32(T.init_noise_sigma) * noise` is a float32 product.",
+        "table's float64 coefficients (manifest JSON numbers); `x0_prev` (the previous step's `x0`) is kept in "
+        "float64 (never rounded); only the new `x` is rounded to float32. The initial "
+        "`x = float32(T.init_noise_sigma) * noise` is a float32 product.",
         "**Image.** `image` is float32 [1, 3, H, W], RGB in [0, 1]. `cw-export run --image-out` writes the PNG "
         "pixels `uint8(clip(floor(image * 255 + 0.5), 0, 255))` computed in float32 (round half up, not numpy's "
         "round-half-to-even), transposed to [H, W, 3]; NaN or infinite pixels are an error.",

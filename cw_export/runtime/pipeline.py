@@ -82,7 +82,8 @@ class BundleRunner:
             try:
                 text.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
             except UnicodeEncodeError:
-                raise InputError(f"{flag} is not UTF-8 text (check the terminal's or the script's encoding)") from None
+                raise InputError(f"{flag} is not UTF-8 text (check the terminal's or the script's "
+                                 "encoding)") from None
         folder = self.manifest["tokenizer"]["folder"]
         tokenizer = ClipTokenizer.from_files(lambda name: read_inside(
             self.bundle, f"{folder}/{name}", missing_ok=name in ClipTokenizer.OPTIONAL_FILES))

@@ -85,7 +85,8 @@ def test_document_changes_with_the_schedule(fp32_bundle, clock4_bundle):
     assert 'kind = ["full", "clocked", "clocked", "clocked", "full", "clocked"]' in second
 
 
-def _run_pseudo_code(bundle, prompt: str, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _run_pseudo_code(bundle, prompt: str, noise: np.ndarray,
+                     negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Execute the README's loop as written, with each graph an onnxruntime session called by keyword."""
     import onnxruntime as ort
 
@@ -108,7 +109,7 @@ def _run_pseudo_code(bundle, prompt: str, noise: np.ndarray) -> tuple[np.ndarray
     namespace = {name: graph(name) for name in manifest["graphs"]}
     namespace.update(sampler=SimpleNamespace(step_table=SimpleNamespace(**manifest["sampler"]["step_table"])),
                      tokenize=tokenizer, concat=np.concatenate, exp=np.exp, log=np.log, arange=np.arange,
-                     sin=np.sin, cos=np.cos, negative_prompt="", prompt=prompt, noise=noise)
+                     sin=np.sin, cos=np.cos, negative_prompt=negative_prompt, prompt=prompt, noise=noise)
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the document's own code, in a test
     return namespace["x"], namespace["image"]
 
@@ -128,6 +129,19 @@ def test_pseudo_code_as_written_reproduces_the_runtime(which, fp32_bundle, clock
     scale = float(np.max(np.abs(expected)))
     assert float(np.max(np.abs(latents - expected))) <= 1e-4 * scale  # float32 vs the runtime's float64 update
     assert image.shape == tuple(read_manifest(bundle)["graphs"]["vae_decoder"]["outputs"][0]["shape"])
+
+
+def test_pseudo_code_with_a_negative_prompt_reproduces_the_runtime(fp32_bundle):
+    from cw_export.runtime.pipeline import BundleRunner
+
+    runner = BundleRunner(fp32_bundle)
+    noise = np.random.default_rng(4).standard_normal(runner.latent_shape(), dtype=np.float32)
+    hidden, pooled = runner.encode_prompt("a red triangle", "a blue square")
+    expected = runner.generate(hidden, pooled, noise).latents
+    latents, _ = _run_pseudo_code(fp32_bundle, "a red triangle", noise, negative_prompt="a blue square")
+    assert float(np.max(np.abs(latents - expected))) <= 1e-4 * float(np.max(np.abs(expected)))
+    plain, _ = _run_pseudo_code(fp32_bundle, "a red triangle", noise)
+    assert float(np.max(np.abs(plain - expected))) > 1e-3 * float(np.max(np.abs(expected)))
 
 
 def test_fp32_bundle_says_it_has_no_npu_graphs_and_gives_export_parity(fp32_bundle):
