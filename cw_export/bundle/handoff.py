@@ -143,13 +143,13 @@ def _loop_section(manifest: dict) -> str:
         "",
         "# 1. text, once per image; batch order is [" + ", ".join(text["batch"]) + "]",
         f"{text['input']} = tokenize([negative_prompt, prompt])   # {_shape(ids_spec)}: CLIP BPE from tokenizer/, "
-        f"[BOS] + ids + [EOS] truncated to {manifest['tokenizer']['model_max_length']}, right-padded with "
-        "<|endoftext|>",
+        f"ids cut to {manifest['tokenizer']['model_max_length']} - 2, then [BOS] + ids + [EOS] (EOS kept), "
+        "right-padded with the pad token ('Text' below)",
         f"{text_outputs} = {text['graph']}({text['input']}={text['input']})",
         "",
         f"# 2. denoising; x is float32 {latent}",
-        f"x = T.init_noise_sigma * noise   # noise ~ N(0, 1), float32 {latent}; T.init_noise_sigma = "
-        f"{_number(table['init_noise_sigma'])}",
+        f"x = T.init_noise_sigma * noise   # noise ~ N(0, 1), float32 {latent} ('Noise' below); "
+        f"T.init_noise_sigma = {_number(table['init_noise_sigma'])}; float32 product",
         "x0_prev = 0       # read only where T.c_x0_prev[i] != 0 (never at i = 0)",
         "cache = {}        # " + ", ".join(f"{k} <- {v}" for k, v in wiring["cache"].items())
         + ": kept from one step to the next",
@@ -168,7 +168,8 @@ def _loop_section(manifest: dict) -> str:
                          f"    else:   # kind[i] == {json.dumps(kind)}: {steps_of_kind}")
         if kind == "clocked":
             for target in wiring["cache"]:
-                lines.append(f"{indent}{target} = cache[{json.dumps(target)}]   # from the previous step")
+                lines.append(f"{indent}{target} = cache[{json.dumps(target)}]   # from the previous step, full or "
+                             "clocked")
             for target, source in wiring["clocked_aliases"].items():
                 lines.append(f"{indent}{target} = {source}   # wiring.clocked_aliases: the low-res part is skipped "
                              "and its cached output reused")
@@ -178,10 +179,10 @@ def _loop_section(manifest: dict) -> str:
         lines.append(f"    cache[{json.dumps(target)}] = {source}   # wiring.cache")
     output = wiring["step_output"]
     lines += [
-        f"    # classifier-free guidance: {output} is [uncond, cond]",
+        f"    # classifier-free guidance: {output} is [uncond, cond]; float32 arithmetic",
         f"    eps = {output}[0] + guidance_scale * ({output}[1] - {output}[0])   # {latent}",
-        f"    # sampler update ({sampler['name']}, {table.get('diffusers_class', '')}; float64 arithmetic, "
-        "x stored as float32)",
+        f"    # sampler update ({sampler['name']}, {table.get('diffusers_class', '')}): x and eps widened to "
+        "float64, float64 arithmetic, x0_prev kept float64, x rounded to float32",
         "    x0 = T.x0_c_sample[i] * x + T.x0_c_model_output[i] * eps",
         "    x = T.c_sample[i] * x + T.c_model_output[i] * eps + T.c_x0_prev[i] * x0_prev",
         "    x0_prev = x0",
@@ -200,7 +201,61 @@ def _loop_section(manifest: dict) -> str:
     if pooled:
         notes.append("`pooled_text` is the text encoder's second output; the learned adaptor reads it.")
     notes.append(f"Guidance as in the manifest: `{wiring['guidance']}`.")
-    return "\n".join(notes) + "\n\n```python\n" + "\n".join(lines) + "\n```"
+    return ("\n".join(notes) + "\n\n```python\n" + "\n".join(lines) + "\n```\n\n"
+            + "\n\n".join(_loop_details(manifest, pooled)))
+
+
+def _loop_details(manifest: dict, pooled: bool) -> list[str]:
+    """What the pseudo-code leaves implicit, as ``cw-export run`` (cw_export/runtime) does it, bit for bit."""
+    max_len = manifest["tokenizer"]["model_max_length"]
+    learned = "adaptor" in manifest["graphs"]
+    latent = manifest["latent"]["shape"]
+    hidden = next(s for s in manifest["graphs"][manifest["wiring"]["text"]["graph"]]["outputs"]
+                  if s["name"] == "encoder_hidden_states")["shape"]
+    return [
+        "**Clocked steps and the cache.** `cache` is refreshed after *every* step, clocked ones included, so a "
+        "clocked step reads `r_out` of the step just before it: "
+        + ("with this bundle's learned adaptor that is the adaptor's own prediction after a clocked step (for clock "
+           ">= 3 not the last full step's `r_out`)." if learned else
+           "with this bundle's identity adaptor a clocked step re-writes the value it read, so it is the last full "
+           "step's `r_out` for any clock."),
+        "**Text.** `negative_prompt` is the empty string unless given (`cw-export run --negative-prompt TEXT`; "
+        "Python: `BundleRunner.encode_prompt(prompt, negative_prompt)`). `tokenize` is `transformers.CLIPTokenizer` "
+        "(transformers 5, `tokenizers` backend, no ftfy) called as diffusers calls it, `tokenizer(texts, "
+        f"padding=\"max_length\", max_length={max_len}, truncation=True)`; cw_export/runtime/tokenizer.py "
+        "reimplements it: (1) the special tokens `<|startoftext|>` / `<|endoftext|>` are cut out of the raw text "
+        "first, case-sensitively; (2) each remaining segment: Unicode NFC, every whitespace run -> one space, "
+        "per-character lower-case (Rust `char::to_lowercase`: no final-sigma rule); (3) split by CLIP's pattern "
+        "`<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`, "
+        "each match re-split by GPT-2's ByteLevel pattern; (4) each piece's UTF-8 bytes -> GPT-2's "
+        "`bytes_to_unicode` symbols, `</w>` appended to the last symbol, a symbol missing from vocab.json -> the "
+        "unk token (`<|endoftext|>`), then merges.txt's BPE merges, lowest rank first, leftmost on ties; "
+        f"(5) the ids are cut to {max_len} - 2 = {max_len - 2}, then `[BOS] + ids + [EOS]` and right-padded to "
+        f"{max_len} with the pad token. Truncation keeps EOS: cutting the whole `[BOS] + ids + [EOS]` to {max_len} "
+        "would drop it. BOS/EOS/pad/unk are `<|startoftext|>` / `<|endoftext|>` / `<|endoftext|>` / "
+        "`<|endoftext|>` unless tokenizer/tokenizer_config.json or special_tokens_map.json name others.",
+        "**Precomputed text embeddings** (`cw-export run --text-embeds FILE.npz`, instead of a prompt): an .npz "
+        f"with float arrays `uncond` and `cond`, each [1, {hidden[1]}, {hidden[2]}] (`encoder_hidden_states` "
+        "[0] and [1]), and `uncond_pooled` and `cond_pooled`, each "
+        f"[1, {hidden[2]}] (`pooled_text` [0] and [1]), "
+        + ("**required** by this bundle's learned adaptor" if learned else
+           "required by bundles with a learned adaptor, ignored by this identity-adaptor bundle")
+        + "; arrays are cast to float32. `--negative-prompt` cannot be combined with it (the `uncond` array is the "
+        "negative prompt).",
+        f"**Noise.** `cw-export run --seed N` draws `noise = numpy.random.default_rng(N).standard_normal({latent}, "
+        "dtype=numpy.float32)` (PCG64, drawn directly in float32: drawing float64 and casting gives other "
+        "latents); `--init-latents FILE.npy` gives the noise itself.",
+        "**Precision, exactly as the runtime computes.** `x` is float32 between steps. `sample`: x (float32) times "
+        "`T.input_scale[i]` in float64, rounded to float32. `time_features`: float64, rounded to float32. Guidance: "
+        "float32 (`delta = noise_pred[1] - noise_pred[0]`, `eps = noise_pred[0] + float32(guidance_scale) * delta`). "
+        "Sampler update: x and eps widened to float64; `x0` and the new `x` computed in float64 with the "
+        "table's float64 coefficients (manifest JSON numbers); `x0_prev` (the previous step's `x0`) is kept in "
+        "float64 (never rounded); only the new `x` is rounded to float32. The initial "
+        "`x = float32(T.init_noise_sigma) * noise` is a float32 product.",
+        "**Image.** `image` is float32 [1, 3, H, W], RGB in [0, 1]. `cw-export run --image-out` writes the PNG "
+        "pixels `uint8(clip(floor(image * 255 + 0.5), 0, 255))` computed in float32 (round half up, not numpy's "
+        "round-half-to-even), transposed to [H, W, 3]; NaN or infinite pixels are an error.",
+    ]
 
 
 # -- 3. the step table ---------------------------------------------------------------------------------------------
@@ -278,7 +333,9 @@ def _encodings_io(bundle: Path, quant: dict) -> dict[str, str]:
 def _graphs_section(bundle: Path, manifest: dict) -> str:
     wiring = manifest["wiring"]
     parts = [
-        "All graph inputs and outputs are float32 except `input_ids` (int64). Quantized graphs are QDQ ONNX: "
+        "**Feed and read float32: every graph input and output is float32 (except `input_ids`, int64), quantized "
+        "graphs included. Do not quantize inputs or dequantize outputs by hand from the scale/zero-point columns "
+        "below: the boundary QuantizeLinear/DequantizeLinear are inside the graphs.** Quantized graphs are QDQ ONNX: "
         "they quantize their inputs and dequantize their outputs themselves (QuantizeLinear / DequantizeLinear "
         "inside the graph; with onnxruntime's QNN EP option `offload_graph_io_quantization=0` that runs on the HTP "
         "too), so the app feeds and reads float32. The quantization columns say what happens at each boundary "
@@ -450,7 +507,8 @@ def render_handoff(bundle: str | Path, manifest: dict) -> str:
             f"`cw-export report BUNDLE` regenerates it. Versions: {versions}.\n\n"
             "Clockwork (Habibian et al., CVPR 2024) splits the UNet at its low-resolution layers: on *full* steps "
             "the whole UNet runs; on *clocked* steps the low-resolution part is skipped and its output taken from "
-            "the previous full step (identity adaptor) or predicted by a small adaptor.")
+            "the previous step (identity adaptor: that is the last full step's output) or predicted by a small "
+            "adaptor (section 2, 'Clocked steps and the cache').")
     sections = [
         _files_section(bundle, manifest),
         _loop_section(manifest),

@@ -139,13 +139,18 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("bundle", type=Path)
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="text prompt (tokenized and encoded by the bundle's text encoder)")
-    text.add_argument("--text-embeds", type=Path, help=".npz with 'cond' and 'uncond' [1, seq, dim] "
-                      "(and optionally 'cond_pooled'/'uncond_pooled' [1, dim] for a learned adaptor)")
+    text.add_argument("--text-embeds", type=Path, help=".npz with float arrays 'cond' and 'uncond' [1, seq, dim]; "
+                      "bundles with a learned adaptor also require 'cond_pooled' and 'uncond_pooled' [1, dim] "
+                      "(identity-adaptor bundles ignore them)")
     text.add_argument("--grid", type=Path, help="prompt file: write a comparison grid (rows: prompts; columns: "
                       "full FP32, clockwork FP32, this bundle on each provider) to --image-out")
+    parser.add_argument("--negative-prompt", help="with --prompt: text of the unconditional (negative) batch entry "
+                        "of classifier-free guidance (default: the empty string)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("--seed", type=_nonnegative_int("--seed"),
-                       help="seed for the initial unit Gaussian noise (numpy PCG64)")
+                       help="seed for the initial unit Gaussian noise: "
+                       "numpy.random.default_rng(N).standard_normal(latent shape, dtype=float32), drawn directly in "
+                       "float32 (drawing float64 and casting gives other latents)")
     noise.add_argument("--init-latents", type=Path, help=".npy unit Gaussian noise [1, C, h, w]")
     _add_schedule_flags(parser)
     parser.add_argument("--latents-out", type=Path, help=".npy for the final latents (before VAE scaling)")

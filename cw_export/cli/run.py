@@ -15,6 +15,7 @@ import numpy as np
 from ..atomic import write_file_atomic
 from ..errors import BundleError, InputError
 from ..runtime.image import encode_png
+from ..runtime.noise import seeded_noise
 from ..runtime.pipeline import BundleRunner
 
 
@@ -131,6 +132,9 @@ def unverified_bundle_errors(bundle: Path, unverified: bool) -> Iterator[None]:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.negative_prompt is not None and args.prompt is None:
+        raise InputError("--negative-prompt needs --prompt (with --text-embeds the negative prompt's embeddings are "
+                         "the 'uncond' array)")
     if args.grid is not None:
         return grid_command(args)
     if args.prompt is None and args.text_embeds is None:
@@ -142,7 +146,7 @@ def run_command(args: argparse.Namespace) -> int:
     check_output_paths(args)
     runner = BundleRunner(args.bundle, provider=args.provider, verify=not args.no_verify)
     if args.prompt is not None:
-        hidden, pooled = runner.encode_prompt(args.prompt)
+        hidden, pooled = runner.encode_prompt(args.prompt, args.negative_prompt or "")
     else:
         hidden, pooled = load_text_embeds(args.text_embeds)
         if pooled is None and "adaptor" in runner.manifest["graphs"]:
@@ -151,7 +155,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.init_latents is not None:
         noise = _load_npy(args.init_latents, "--init-latents")
     else:
-        noise = np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32)
+        noise = seeded_noise(shape, args.seed)
     trajectory = runner.generate(hidden, pooled, noise, steps=args.steps, clock=args.clock,
                                  guidance_scale=args.guidance, progress=not args.quiet)
     kinds = "".join("F" if k == "full" else "c" for k in trajectory.kinds)

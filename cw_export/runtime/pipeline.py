@@ -3,6 +3,8 @@
 Per step (the manifest's ``wiring`` says which graph reads and writes which slot):
   full step:    high_res_in -> low_res -> high_res_out        (r_out cached as r_out_prev)
   clocked step: high_res_in -> adaptor -> high_res_out        (identity adaptor: r_out := r_out_prev)
+The cache is refreshed after every step, clocked ones included: a clocked step reads the previous step's r_out (a
+learned adaptor's prediction after a clocked step; with the identity adaptor, the last full step's).
 then classifier-free guidance and one sampler update from the manifest's per-step table.
 """
 
@@ -76,10 +78,12 @@ class BundleRunner:
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("--prompt must be a non-empty string")
-        try:
-            prompt.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
-        except UnicodeEncodeError:
-            raise InputError("--prompt is not UTF-8 text (check the terminal's or the script's encoding)") from None
+        for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
+            try:
+                text.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+            except UnicodeEncodeError:
+                raise InputError(f"{flag} is not UTF-8 text (check the terminal's or the script's "
+                                 "encoding)") from None
         folder = self.manifest["tokenizer"]["folder"]
         tokenizer = ClipTokenizer.from_files(lambda name: read_inside(
             self.bundle, f"{folder}/{name}", missing_ok=name in ClipTokenizer.OPTIONAL_FILES))

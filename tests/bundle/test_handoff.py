@@ -85,7 +85,8 @@ def test_document_changes_with_the_schedule(fp32_bundle, clock4_bundle):
     assert 'kind = ["full", "clocked", "clocked", "clocked", "full", "clocked"]' in second
 
 
-def _run_pseudo_code(bundle, prompt: str, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _run_pseudo_code(bundle, prompt: str, noise: np.ndarray,
+                     negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Execute the README's loop as written, with each graph an onnxruntime session called by keyword."""
     import onnxruntime as ort
 
@@ -108,7 +109,7 @@ def _run_pseudo_code(bundle, prompt: str, noise: np.ndarray) -> tuple[np.ndarray
     namespace = {name: graph(name) for name in manifest["graphs"]}
     namespace.update(sampler=SimpleNamespace(step_table=SimpleNamespace(**manifest["sampler"]["step_table"])),
                      tokenize=tokenizer, concat=np.concatenate, exp=np.exp, log=np.log, arange=np.arange,
-                     sin=np.sin, cos=np.cos, negative_prompt="", prompt=prompt, noise=noise)
+                     sin=np.sin, cos=np.cos, negative_prompt=negative_prompt, prompt=prompt, noise=noise)
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the document's own code, in a test
     return namespace["x"], namespace["image"]
 
@@ -130,6 +131,19 @@ def test_pseudo_code_as_written_reproduces_the_runtime(which, fp32_bundle, clock
     assert image.shape == tuple(read_manifest(bundle)["graphs"]["vae_decoder"]["outputs"][0]["shape"])
 
 
+def test_pseudo_code_with_a_negative_prompt_reproduces_the_runtime(fp32_bundle):
+    from cw_export.runtime.pipeline import BundleRunner
+
+    runner = BundleRunner(fp32_bundle)
+    noise = np.random.default_rng(4).standard_normal(runner.latent_shape(), dtype=np.float32)
+    hidden, pooled = runner.encode_prompt("a red triangle", "a blue square")
+    expected = runner.generate(hidden, pooled, noise).latents
+    latents, _ = _run_pseudo_code(fp32_bundle, "a red triangle", noise, negative_prompt="a blue square")
+    assert float(np.max(np.abs(latents - expected))) <= 1e-4 * float(np.max(np.abs(expected)))
+    plain, _ = _run_pseudo_code(fp32_bundle, "a red triangle", noise)
+    assert float(np.max(np.abs(plain - expected))) > 1e-3 * float(np.max(np.abs(expected)))
+
+
 def test_fp32_bundle_says_it_has_no_npu_graphs_and_gives_export_parity(fp32_bundle):
     doc = _doc(fp32_bundle)
     assert "This bundle is FP32" in _section(doc, "Running on the Snapdragon NPU")
@@ -149,3 +163,23 @@ def test_report_command_regenerates_a_stale_readme(fp32_bundle, tmp_path, capsys
     assert verify_bundle(bundle, read_manifest(bundle)) == []
     assert main(["report", str(bundle)]) == 0
     assert "hand-off unchanged" in capsys.readouterr().out
+
+
+def test_loop_section_states_text_noise_precision_image_and_cache_rules(fp32_bundle):
+    doc = _doc(fp32_bundle)
+    loop = " ".join(_section(doc, "The denoising loop").split())
+    for sentence in (
+        "`cw-export run --negative-prompt TEXT`",
+        "the ids are cut to 77 - 2 = 75, then `[BOS] + ids + [EOS]`",
+        "Truncation keeps EOS",
+        "`</w>` appended to the last symbol",
+        "numpy.random.default_rng(N).standard_normal([1, 4, 16, 16], dtype=numpy.float32)",
+        "`x0_prev` (the previous step's `x0`) is kept in float64 (never rounded)",
+        "Guidance: float32",
+        "`cache` is refreshed after *every* step, clocked ones included",
+        "ignored by this identity-adaptor bundle",
+        "`uint8(clip(floor(image * 255 + 0.5), 0, 255))`",
+    ):
+        assert sentence in loop, sentence
+    assert "Do not quantize inputs or dequantize outputs by hand" in _section(doc, "Graphs")
+    assert "from the previous full step" not in doc

@@ -81,6 +81,32 @@ def test_run_with_prompt_and_seed_is_reproducible(fp32_bundle, tmp_path):
     assert outs[0].shape == (1, 4, 16, 16) and np.array_equal(outs[0], outs[1]) and np.isfinite(outs[0]).all()
 
 
+def test_run_negative_prompt_is_the_uncond_text_and_seed_is_float32_pcg64(fp32_bundle, tmp_path):
+    from cw_export.runtime.pipeline import BundleRunner
+
+    outs = {}
+    for name, extra in (("plain", []), ("neg", ["--negative-prompt", "a green square"])):
+        result = cw("run", str(fp32_bundle), "--prompt", "a red circle", "--seed", "5", *extra, "--steps", "4",
+                    "--latents-out", str(tmp_path / f"{name}.npy"), "--quiet")
+        assert result.returncode == 0, result.stderr
+        outs[name] = np.load(tmp_path / f"{name}.npy")
+    assert not np.array_equal(outs["plain"], outs["neg"])
+    runner = BundleRunner(fp32_bundle)
+    hidden, pooled = runner.encode_prompt("a red circle", "a green square")
+    noise = np.random.default_rng(5).standard_normal(runner.latent_shape(), dtype=np.float32)
+    expected = runner.generate(hidden, pooled, noise, steps=4).latents
+    assert np.array_equal(outs["neg"], expected)
+
+
+def test_run_help_documents_negative_prompt_seed_and_pooled_embeds():
+    result = cw("run", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--negative-prompt" in text
+    assert "numpy.random.default_rng(N).standard_normal(latent shape, dtype=float32)" in text
+    assert "learned adaptor also require 'cond_pooled' and 'uncond_pooled'" in text
+
+
 def test_run_prompt_to_png_with_onnxruntime_only(fp32_bundle, tmp_path):
     from cw_export.runtime.image import decode_png
 
@@ -98,6 +124,7 @@ def test_run_prompt_to_png_with_onnxruntime_only(fp32_bundle, tmp_path):
     ("latents_out_dir", "--latents-out is a folder"),
     ("empty_prompt", "--prompt must be a non-empty string"),
     ("no_output", "give --latents-out"),
+    ("negative_with_embeds", "--negative-prompt needs --prompt"),
 ])
 def test_run_errors(fp32_bundle, tmp_path, case, fragment):
     np.save(tmp_path / "small.npy", np.zeros([1, 4, 8, 8], np.float32))
@@ -110,6 +137,8 @@ def test_run_errors(fp32_bundle, tmp_path, case, fragment):
         "latents_out_dir": [bundle, "--prompt", "x", "--seed", "1"],
         "empty_prompt": [bundle, "--prompt", "  ", "--seed", "1"],
         "no_output": [bundle, "--prompt", "x", "--seed", "1"],
+        "negative_with_embeds": [bundle, "--text-embeds", str(tmp_path / "emb.npz"), "--negative-prompt", "y",
+                                 "--seed", "1"],
     }[case]
     outputs = [] if case == "no_output" else ["--latents-out", str(tmp_path) if case == "latents_out_dir" else out]
     result = cw("run", *args, *outputs)
@@ -174,3 +203,11 @@ def test_broken_model_folders(tmp_path, damage, fragment):
     out = tmp_path / "bundle"
     assert_user_error(cw("--model", str(folder), "--out", str(out), "--target", "cpu-fp32"), fragment)
     assert not out.exists()
+
+
+def test_negative_prompt_that_is_not_utf8_is_an_input_error(fp32_bundle):
+    from cw_export.errors import InputError
+    from cw_export.runtime.pipeline import BundleRunner
+
+    with pytest.raises(InputError, match="--negative-prompt is not UTF-8"):
+        BundleRunner(fp32_bundle).encode_prompt("a red circle", "bad \udcff")

@@ -56,6 +56,17 @@ def test_identity_clock2_matches_torch_cache_and_reuse_reference(tiny_model, fp3
     assert _rel(ours.latents, full.latents) > 1e-3, "clocked steps must actually skip low_res"
 
 
+def test_identity_clock3_matches_torch_reference(tiny_model, fp32_bundle, inputs):
+    """Clock 3: the second clocked step of a run reads the cache its clocked predecessor refreshed (the README)."""
+    hidden, pooled, noise = inputs
+    ours = BundleRunner(fp32_bundle).generate(hidden.numpy(), pooled.numpy(), noise, steps=7, clock=3)
+    ref = torch_trajectory(tiny_model, hidden, torch.from_numpy(noise), 7, clock=3, guidance_scale=7.5)
+    assert ours.kinds == ["full", "clocked", "clocked"] * 2 + ["full"]
+    assert _rel(ours.latents, ref.latents) <= 1e-4
+    clock2 = torch_trajectory(tiny_model, hidden, torch.from_numpy(noise), 7, clock=2, guidance_scale=7.5)
+    assert _rel(ours.latents, clock2.latents) > 1e-3
+
+
 def test_clocked_steps_do_not_run_low_res(fp32_bundle, inputs):
     hidden, pooled, noise = inputs
     runner = BundleRunner(fp32_bundle)
