@@ -42,10 +42,12 @@ def test_two_process_run_equals_single_process(tiny_model, distill_cache, tmp_pa
         assert epoch["pairs_per_rank"] == [5, 4] and epoch["pairs"] == 9  # both ranks contributed
     ours, theirs = read_checkpoint(single.checkpoint), read_checkpoint(tmp_path / "ddp.safetensors")
     assert ours.training == theirs.training
-    # Adam divides by sqrt(v): float-order differences in the gradients show up at ~1e-6 in the weights, against
-    # updates of ~lr x iterations = 6e-3
+    # Adam divides by sqrt(v): float-order differences in the gradients show up in the weights at ~1e-6 with this
+    # machine's AVX-512 kernels and up to 3.9e-5 with AVX2 ones (ATEN_CPU_CAPABILITY=avx2: failed at atol 2e-5, a
+    # numeric edge), against updates of ~lr x iterations = 6e-3. A rank's missing or double-counted gradients move
+    # weights by about the update size, so 2e-4 (30x below it) still catches them on any x86 kernel set.
     for name, value in ours.state_dict.items():
-        torch.testing.assert_close(theirs.state_dict[name], value, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(theirs.state_dict[name], value, rtol=1e-3, atol=2e-4)
     for a, b in zip(single.log["history"], log["history"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
     assert single.log["world_size"] == 1 and single.log["history"][0]["pairs_per_rank"] == [9]
