@@ -36,7 +36,7 @@ def _raw_prompt_lines(path: Path) -> list[str]:
 
 
 def test_builtin_names_map_to_files_in_calibration_folder():
-    assert set(BUILTIN_PROMPT_SETS) == {"default", "heldout"}
+    assert set(BUILTIN_PROMPT_SETS) == {"default", "heldout", "shapes-train", "shapes-heldout"}
     for file_name in BUILTIN_PROMPT_SETS.values():
         assert (CALIBRATION_DIR / file_name).is_file()
 

@@ -129,7 +129,9 @@ def test_context_stage_records_each_soc_and_graph_in_the_manifest(qdq_conv, tmp_
     manifest["files"] = list_files(bundle)
     assert {entry["model"], entry["binary"]} <= set(manifest["files"])  # sha256 from the file list
     assert context_binaries_check(bundle, manifest).ok
-    npu = _npu_section(manifest)  # the hand-off README's section on loading them
+    manifest.update(schedule={"steps": 1, "clock": 1}, wiring={"steps": {"full": ["high_res_out"], "clocked": []}})
+    npu = _npu_section(bundle, manifest)  # the hand-off README's section on loading them
+    assert "8-bit activations: 100.0% of the UNet's MACs" in npu  # the QDQ conv reads UINT8 activations
     assert f"`{entry['model']}`" in npu and f"`{entry['binary']}`" in npu and "| SM8550 |" in npu
     entry["binary"] = table["SM8550"]["high_res_out"]["binary"]  # a manifest pointing at another SoC's binary
     check = context_binaries_check(bundle, manifest)

@@ -71,7 +71,8 @@ def test_graph_that_cannot_be_placed_is_one_line_naming_graph_and_ops(tmp_path):
 def test_unknown_provider_is_one_line(tmp_path, capsys):
     with pytest.raises(InputError, match=r"^unknown provider 'gpu'; available: cpu, qnn-htp$"):
         create_session(tmp_path / "missing.onnx", "gpu")
-    code = main(["run", str(tmp_path), "--prompt", "a cat", "--seed", "0", "--latents-out",
+    (tmp_path / "bundle").mkdir()
+    code = main(["run", str(tmp_path / "bundle"), "--prompt", "a cat", "--seed", "0", "--latents-out",
                  str(tmp_path / "l.npy"), "--provider", "npu"])
     err = capsys.readouterr().err
     assert code == 2
