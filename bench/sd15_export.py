@@ -134,7 +134,7 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
         _wrap(timeline, quantize_stage, "quantize_stage", "  quantize graphs (+ 8/16-bit sweep)"),
         _wrap(timeline, parity_stage, "parity_stage", "  parity gate (held-out trajectories in onnxruntime)"),
         _wrap(timeline, build, "write_tokenizer_files", "tokenizer files"),
-        _wrap(timeline, build, "base_manifest", "manifest"),
+        _wrap(timeline, build, "base_records", "manifest"),
         _wrap(timeline, writer, "list_files", "sha256 of every file"),
     ]
     undo.append(_wrap(timeline, writer, "write_report", "report.html"))

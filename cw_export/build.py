@@ -6,13 +6,17 @@
   3. export    split the UNet at the paper's cut and export every graph of the registry to FP32 ONNX, checked
                against torch (cw_export.export.stage, cw_export.split, cw_export.contract.graphs)
   4. tokenizer the CLIP BPE files beside the graphs
-  5. manifest  the base manifest (cw_export.bundle.writer)
+  5. records   the export's records: the fields fixed before quantization and the FP32 graph entries
+               (cw_export.bundle.writer.BuildRecords)
   6. quantize  quantized targets only: calibrate on FP32 trajectories (cw_export.calibrate.stage) -> quantize each
                graph, with the a8 sweep (cw_export.quantize.stage) -> parity gate on held-out prompts, with its
                fallbacks (cw_export.parity.stage)
   7. context   with --soc: QNN context binaries of the quantized graphs (cw_export.quantize.qnn.context_binaries)
-  8. write     report.html, README.md, the file table and manifest.json (cw_export.bundle.writer)
-The whole bundle is built in a temporary folder and renamed into place only when every step succeeded.
+  8. write     report.html, README.md, the file table and manifest.json, assembled from the records
+               (cw_export.bundle.writer)
+Every stage returns a typed record (cw_export.contract.schema) and none writes into the manifest: the writer
+assembles it once. The whole bundle is built in a temporary folder and renamed into place only when every step
+succeeded.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 from .adaptor import ADAPTOR_KINDS
 from .atomic import atomic_directory, check_output_path, clean_stale_temps, pause_point
-from .bundle.writer import base_manifest, write_bundle
+from .bundle.writer import BuildRecords, base_records, write_bundle
 from .contract.schedule import check_steps_and_clock
 from .distill.for_build import check_adaptor_checkpoint, load_learned_adaptor, shipped_checkpoint, state_hash
 from .errors import BundleError, InputError
@@ -139,24 +143,24 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
         stages.set_postfix_str("tokenizer")
         write_tokenizer_files(model, tmp / "tokenizer")
         stages.update()
-        # 5. manifest
+        # 5. records
         stages.set_postfix_str("manifest")
-        manifest = base_manifest(model, recipe, results, num_skips, latent, table, tmp)
+        records = base_records(model, recipe, results, num_skips, latent, table, tmp)
         if adaptor_checkpoint is not None:
-            manifest["adaptor"].update(adaptor_checkpoint.provenance())
+            records.adaptor.update(adaptor_checkpoint.provenance())
         # 6. quantize
         if recipe.quantized:
-            quantize_bundle(model, recipe, manifest, tmp, adaptor_state, options, stages)
+            quantize_bundle(model, recipe, records, tmp, adaptor_state, options, stages)
         # 7. context binaries
         if options.socs:
             from .quantize.qnn.context_binaries import context_stage
 
             stages.set_postfix_str("context binaries")
-            context_stage(tmp, manifest, tuple(options.socs), options.progress)
+            records.context_binaries = context_stage(tmp, records.manifest(), tuple(options.socs), options.progress)
             stages.update()
         # 8. write, then the checks `cw-export validate` runs without the source model: a build never leaves a
         # bundle its own validate rejects
-        write_bundle(tmp, manifest)
+        write_bundle(tmp, records)
         check_written_bundle(tmp)
         pause_point("manifest")
         stages.update()
@@ -175,9 +179,9 @@ def check_written_bundle(folder: Path) -> None:
                           + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""))
 
 
-def quantize_bundle(model: SDModel, recipe: Recipe, manifest: dict, bundle: Path, adaptor_state: dict | None,
-                    options: BuildOptions, stages) -> None:
-    """Calibrate -> quantize -> parity gate, one stage function each."""
+def quantize_bundle(model: SDModel, recipe: Recipe, records: BuildRecords, bundle: Path,
+                    adaptor_state: dict | None, options: BuildOptions, stages) -> None:
+    """Calibrate -> quantize -> parity gate, one stage function each; their records go into ``records``."""
     from .calibrate.stage import calibrate_stage
     from .export.torch_graphs import torch_graphs
     from .parity.stage import gated_parity_stage
@@ -185,19 +189,22 @@ def quantize_bundle(model: SDModel, recipe: Recipe, manifest: dict, bundle: Path
     from .quantize.stage import quantize_stage
 
     stages.set_postfix_str("calibrate")
+    manifest = records.manifest()
     graphs = torch_graphs(model, manifest, adaptor_state)
     adaptor_sha = None if adaptor_state is None else state_hash(adaptor_state)
-    calibration = calibrate_stage(model, recipe, manifest, graphs, adaptor_sha, options.progress)
+    calibration, records.calibration = calibrate_stage(model, recipe, manifest, graphs, adaptor_sha,
+                                                       options.progress)
     stages.update()
     stages.set_postfix_str("quantize")
     with tempfile.TemporaryDirectory(prefix="cw-a16-fallback-") as held:  # like the quantizers' scratch folders
         fallback_dir = Path(held)
-        fp32_held = hold_fp32(recipe, manifest, bundle, fallback_dir)
-        placed, fallbacks = quantize_stage(recipe, manifest, graphs, calibration, bundle, options.progress,
-                                           fallback_dir)
+        fp32_held = hold_fp32(recipe, records.graphs, bundle, fallback_dir)
+        quantized = quantize_stage(recipe, records.manifest(), records.graphs, graphs, calibration, bundle,
+                                   options.progress, fallback_dir)
+        records.graphs = quantized.entries
         del calibration  # the parity stage measures on held-out prompts; these samples need not stay in memory
         stages.update()
         stages.set_postfix_str("parity")
-        gated_parity_stage(model, recipe, manifest, graphs, placed, bundle, fp32_held, fallbacks,
-                           options.allow_low_parity)
+        records.parity = gated_parity_stage(model, recipe, records, graphs, quantized.placed, bundle, fp32_held,
+                                            quantized.fallbacks, options.allow_low_parity)
     stages.update()

@@ -1,9 +1,15 @@
 """The bundle writer: the manifest assembled from the stages' records, and the files written last (report.html,
-README.md, the file table, manifest.json in its canonical bytes)."""
+README.md, the file table, manifest.json in its canonical bytes).
+
+``BuildRecords`` holds what the stages returned (the export's fixed fields and graph entries, the adaptor's
+provenance, the calibration, quantization, parity and context-binary records); ``manifest()`` is the one place
+that turns them into the manifest's JSON object, and stages read that view, never write into it.
+"""
 
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +18,7 @@ from .. import __version__
 from ..contract.graphs import BATCH, make_wiring
 from ..contract.manifest import MANIFEST_NAME, SCHEMA_VERSION, list_files, manifest_bytes
 from ..contract.schedule import step_kinds
+from ..contract.schema import GraphEntry, ParityRecord
 from ..export.to_onnx import ExportResult
 from ..models.pipeline import SDModel
 from ..recipe import Recipe
@@ -41,16 +48,36 @@ def library_versions() -> dict:
             "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def base_manifest(model: SDModel, recipe: Recipe, results: dict[str, ExportResult], num_skips: int,
-                   latent: tuple[int, int], table: dict, bundle: Path) -> dict:
+@dataclass
+class BuildRecords:
+    """The stages' records of one build, in data-flow order; ``manifest()`` assembles them."""
+
+    fixed: dict  # the fields the export stage fixes: versions, recipe, source model, wiring, schedule, sampler, ...
+    graphs: dict[str, GraphEntry]  # the export's FP32 entries, replaced by the quantize stage and the gate
+    adaptor: dict  # kind, and a learned adaptor's provenance (cw_export.distill.for_build)
+    calibration: dict | None = None
+    parity: ParityRecord | None = None
+    context_binaries: dict | None = None  # QNN EPContext models per SoC and graph
+
+    def manifest(self) -> dict:
+        """The manifest's JSON object (without ``files``, which the writer adds last)."""
+        data = {**self.fixed, "graphs": {name: entry.to_dict() for name, entry in self.graphs.items()},
+                "adaptor": dict(self.adaptor)}
+        if self.calibration is not None:
+            data["calibration"] = self.calibration
+        if self.parity is not None:
+            data["parity"] = self.parity.to_dict()
+        if self.context_binaries is not None:
+            data["context_binaries"] = self.context_binaries
+        return data
+
+
+def base_records(model: SDModel, recipe: Recipe, results: dict[str, ExportResult], num_skips: int,
+                 latent: tuple[int, int], table: dict, bundle: Path) -> BuildRecords:
+    """The export stage's records: every field fixed before quantization, and the FP32 graph entries."""
     b = recipe.build
     sampler_config = dict(model.scheduler_config)
-    graphs = {}
-    for name, result in results.items():
-        graphs[name] = {"file": result.file.relative_to(bundle).as_posix(), **result.io_dict(),
-                        "precision": "fp32", "simplified": result.simplified,
-                        "external_data": result.external_data, "parity_fp32_vs_torch": result.parity}
-    return {
+    fixed = {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "cw-export", "version": __version__},
         "versions": library_versions(),
@@ -58,10 +85,8 @@ def base_manifest(model: SDModel, recipe: Recipe, results: dict[str, ExportResul
         "recipe": recipe.to_dict(),
         "recipe_sha256": recipe.source_sha256,
         "source_model": model.source,
-        "graphs": graphs,
         "wiring": prune_wiring(make_wiring(num_skips, b.adaptor), results),
         "time_features": time_features_spec(model.unet),
-        "adaptor": {"kind": b.adaptor},
         "schedule": {"steps": b.steps, "clock": b.clock, "step_kinds": step_kinds(b.steps, b.clock),
                      "rule": "step 1 (index 0) is full; step index i is full when i % clock == 0, else clocked"},
         "sampler": {"name": b.sampler, "config": sampler_config,
@@ -78,11 +103,14 @@ def base_manifest(model: SDModel, recipe: Recipe, results: dict[str, ExportResul
         "session_options": session_config(recipe.quantization.ort_optimization,
                                           recipe.quantization.ort_disabled_optimizers),
     }
+    graphs = {name: result.entry(bundle) for name, result in results.items()}
+    return BuildRecords(fixed, graphs, {"kind": b.adaptor})
 
 
-def write_bundle(folder: Path, manifest: dict) -> None:
+def write_bundle(folder: Path, records: BuildRecords) -> None:
     """The bundle's last files: report.html and README.md (both listed in the file table, so written first), then
     the file table and manifest.json in its canonical bytes."""
+    manifest = records.manifest()
     write_report(folder, manifest)
     write_handoff(folder, manifest)
     manifest["files"] = list_files(folder)

@@ -1,5 +1,5 @@
-"""The build's calibrate stage: the calibration prompts -> FP32 trajectories -> per-graph samples, recorded in the
-manifest; and the prompt -> token ids / embeddings helpers calibration and parity share."""
+"""The build's calibrate stage: the calibration prompts -> FP32 trajectories -> per-graph samples, with their record
+for the manifest; and the prompt -> token ids / embeddings helpers calibration and parity share."""
 
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ def check_prompt_sources(recipe) -> None:
 
 
 def calibrate_stage(model, recipe, manifest: dict, graphs: dict, adaptor_sha256: str | None,
-                    progress: bool) -> CalibrationSet:
+                    progress: bool) -> tuple[CalibrationSet, dict]:
+    """The calibration samples of every graph, and the manifest's record of where they came from."""
     q = recipe.quantization
     prompts = prompt_subset(q.calibration_set, q.calibration_prompts, "calibration")
     settings = settings_for(manifest, model.source["sha256"], prompts, q.calibration_seed, q.calibration_samples,
                             adaptor_sha256)
     calibration = collect(manifest, graphs, tokenizer_fn(model), prompts, settings, progress=progress)
-    manifest["calibration"] = {"prompt_set": q.calibration_set, **calibration.provenance()}
-    return calibration
+    return calibration, {"prompt_set": q.calibration_set, **calibration.provenance()}

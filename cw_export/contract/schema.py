@@ -5,12 +5,16 @@ content. ``parse_manifest`` is the one reader: it turns the JSON object into a `
 ``BundleError`` naming the field (``manifest graphs.low_res.inputs[0].shape: ...``), so ``validate`` refuses what
 ``run`` could not run instead of passing it and letting ``run`` crash. It checks shapes and types, not numerics:
 the per-file integrity is ``verify_bundle``'s, the parity numbers are ``validate``'s.
+
+The same records are the build's write side: each stage returns them (``GraphEntry``, ``QuantRecord``,
+``ParityRecord``) and ``to_dict`` is their one JSON form, which the bundle writer (``cw_export.bundle.writer``)
+assembles into manifest.json.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import BundleError
 from .confine import bundle_parts
@@ -30,17 +34,48 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str
 
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+WEIGHTS_SCHEME = "per-channel symmetric int"
+ACTIVATIONS_SCHEME = "asymmetric, min-max calibrated"
+
 
 @dataclass(frozen=True)
 class QuantRecord:
-    """How a graph was quantized (absent: FP32). ``activation_bits`` is 8, 16 or "8+16" (mixed per block)."""
+    """How a graph was quantized (``backend`` None: FP32, with the reason). ``activation_bits`` is 8, 16 or "8+16"
+    (mixed per block). ``details`` are the backend's facts about its graph (``QuantizedGraph.details``: opset,
+    time_features_bits, encodings_graph, htp_forms, ...); ``sweep`` the a8 sensitivity sweep's numbers;
+    ``gate_fallback`` / ``parity_fallback`` what the parity gate reverted, and why."""
 
     backend: str | None
     activation_bits: int | str | None = None
     weight_bits: int | None = None
     encodings: str | None = None  # AIMET encodings file inside the bundle
-    encodings_graph: str | None = None  # the graph those encodings name tensors of
     reason: str = ""
+    sweep: dict | None = None
+    details: dict = field(default_factory=dict)
+    gate_fallback: dict | None = None
+    parity_fallback: dict | None = None
+
+    @property
+    def encodings_graph(self) -> str | None:
+        """The graph the AIMET encodings name tensors of (inside the bundle)."""
+        return self.details.get("encodings_graph")
+
+    def to_dict(self) -> dict:
+        if self.backend is None:
+            data = {"backend": None, "reason": self.reason}
+            if self.parity_fallback is not None:
+                data["parity_fallback"] = self.parity_fallback
+            return data
+        data = {"backend": self.backend, "weight_bits": self.weight_bits, "weights": WEIGHTS_SCHEME,
+                "activation_bits": self.activation_bits, "activations": ACTIVATIONS_SCHEME, "reason": self.reason,
+                "sweep": self.sweep, "encodings": self.encodings, "details": self.details}
+        if self.gate_fallback is not None:
+            data["gate_fallback"] = self.gate_fallback
+        return data
 
 
 @dataclass(frozen=True)
@@ -53,12 +88,60 @@ class GraphEntry:
     outputs: tuple[TensorSpec, ...]
     precision: str
     quantization: QuantRecord | None = None
+    external_data: bool = False
+    simplified: bool | None = None  # export facts: onnxsim applied, parity of the FP32 export vs torch
+    parity_fp32_vs_torch: dict | None = None
 
     def input(self, name: str) -> TensorSpec:
         return next(s for s in self.inputs if s.name == name)
 
     def output(self, name: str) -> TensorSpec:
         return next(s for s in self.outputs if s.name == name)
+
+    def with_quantization(self, precision: str, quantization: QuantRecord, external_data: bool | None = None
+                          ) -> "GraphEntry":
+        """This graph with another deployed form (the quantize stage's result, or a fallback of the gate)."""
+        return replace(self, precision=precision, quantization=quantization,
+                       external_data=self.external_data if external_data is None else external_data)
+
+    def to_dict(self) -> dict:
+        data = {"file": self.file, "inputs": [s.to_dict() for s in self.inputs],
+                "outputs": [s.to_dict() for s in self.outputs], "precision": self.precision,
+                "simplified": self.simplified, "external_data": self.external_data,
+                "parity_fp32_vs_torch": self.parity_fp32_vs_torch}
+        if self.quantization is not None:
+            data["quantization"] = self.quantization.to_dict()
+        return data
+
+
+@dataclass(frozen=True)
+class ParityRecord:
+    """The parity gate's record: where and how it measured (held-out prompt set and its hash, session options,
+    thresholds), its verdict (``gate``: passed, failures, allowed_by_flag) and the measured numbers
+    (``cw_export.parity.measure``: per graph, per step, final latent, image)."""
+
+    prompt_set: str
+    prompts_sha256: str
+    session_options: dict
+    thresholds: dict
+    gate: dict
+    measured: dict
+
+    @property
+    def graphs(self) -> dict:
+        return self.measured["graphs"]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gate["passed"])
+
+    def with_gate(self, gate: dict) -> "ParityRecord":
+        return replace(self, gate=gate)
+
+    def to_dict(self) -> dict:
+        return {"prompt_set": self.prompt_set, "prompts_sha256": self.prompts_sha256,
+                "session_options": self.session_options, "thresholds": self.thresholds, "gate": self.gate,
+                **self.measured}
 
 
 @dataclass(frozen=True)
@@ -191,7 +274,8 @@ def _quantization(r: _Reader, value, path: str) -> QuantRecord | None:
         r.fail(f"{path}.activation_bits", f"must be 8, 16 or '8+16', got {bits!r:.20}")
     backend = data.get("backend")
     return QuantRecord(None if backend is None else r.text(backend, f"{path}.backend"), bits, data.get("weight_bits"),
-                       reason=str(data.get("reason", "")), **optional)
+                       optional.get("encodings"), str(data.get("reason", "")), data.get("sweep"), details,
+                       data.get("gate_fallback"), data.get("parity_fallback"))
 
 
 def _graph(r: _Reader, name: str, value) -> GraphEntry:
@@ -205,7 +289,8 @@ def _graph(r: _Reader, name: str, value) -> GraphEntry:
         specs[kind] = tuple(_tensor(r, v, f"{path}.{kind}[{i}]") for i, v in enumerate(items))
     return GraphEntry(name, r.inside(r.key(data, "file", path), f"{path}.file"), specs["inputs"], specs["outputs"],
                       r.text(data.get("precision", "fp32"), f"{path}.precision"),
-                      _quantization(r, data.get("quantization"), f"{path}.quantization"))
+                      _quantization(r, data.get("quantization"), f"{path}.quantization"),
+                      data.get("external_data") is True, data.get("simplified"), data.get("parity_fp32_vs_torch"))
 
 
 def _wiring(r: _Reader, value, graphs: dict[str, GraphEntry]) -> Wiring:

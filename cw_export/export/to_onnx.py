@@ -17,24 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..contract.schema import GraphEntry, TensorSpec
+
 PROTOBUF_LIMIT = 2 * 1024**3
 NUMPY_TO_ONNX_DTYPE = {"float32": "float32", "int64": "int64", "float16": "float16"}
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, static shape and dtype of one graph input or output, as stored in the manifest."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @staticmethod
-    def of(name: str, tensor: torch.Tensor) -> "TensorSpec":
-        return TensorSpec(name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).replace("torch.", ""))
+def tensor_spec(name: str, tensor: torch.Tensor) -> TensorSpec:
+    """The manifest's spec of one graph input or output, read off its example tensor."""
+    return TensorSpec(name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).replace("torch.", ""))
 
 
 @dataclass(frozen=True)
@@ -49,8 +40,11 @@ class ExportResult:
     external_data: bool
     parity: dict
 
-    def io_dict(self) -> dict:
-        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
+    def entry(self, bundle: Path) -> GraphEntry:
+        """The export stage's record of this graph: an FP32 entry of the manifest."""
+        return GraphEntry(self.name, self.file.relative_to(bundle).as_posix(), tuple(self.inputs),
+                          tuple(self.outputs), "fp32", external_data=self.external_data, simplified=self.simplified,
+                          parity_fp32_vs_torch=self.parity)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -96,8 +90,8 @@ def export_graph(
     # cross-attention); the manifest and the wiring list only what the graph really takes.
     used = {value.name for value in onnx.load(str(path), load_external_data=False).graph.input}
     example_inputs = {n: t for n, t in example_inputs.items() if n in used}
-    inputs = [TensorSpec.of(n, t) for n, t in example_inputs.items()]
-    outputs = [TensorSpec.of(n, t) for n, t in zip(output_names, reference)]
+    inputs = [tensor_spec(n, t) for n, t in example_inputs.items()]
+    outputs = [tensor_spec(n, t) for n, t in zip(output_names, reference)]
     parity = measure_parity(path, example_inputs, dict(zip(output_names, reference)))
     return ExportResult(path.stem, path, inputs, outputs, simplified, large, parity)
 
@@ -195,4 +189,4 @@ def file_size(path: Path) -> int:
     return os.path.getsize(path)
 
 
-__all__ = ["TensorSpec", "ExportResult", "export_graph", "measure_parity", "tensor_stats", "ort_session", "asdict"]
+__all__ = ["TensorSpec", "tensor_spec", "ExportResult", "export_graph", "measure_parity", "tensor_stats", "ort_session", "asdict"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..calibrate.stage import prompt_subset, tokenizer_fn
+from ..contract.schema import ParityRecord
 from ..prompts import prompt_set_hash
 from ..quantize.fallback import A16Fallback, apply_fallbacks, keep_fp32_where_parity_requires
 from ..runtime.sessions import bundle_session, create_session, manifest_session_config
@@ -42,8 +43,8 @@ PARITY_THRESHOLDS = ("graph_min_sqnr_db", "step_min_psnr_db", "final_latent_min_
 
 
 def parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, Path],
-                 allow_low_parity: bool, bundle: Path) -> dict:
-    """Measure parity of the graphs in ``placed`` with the manifest's session settings; gate; record."""
+                 allow_low_parity: bool, bundle: Path) -> ParityRecord:
+    """Measure parity of the graphs in ``placed`` with the manifest's session settings; gate; the record."""
     config = manifest_session_config(manifest)
     sessions = {name: create_session(path, config=config) for name, path in placed.items()}
     prompts = heldout_prompts(recipe)
@@ -51,13 +52,12 @@ def parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, 
                       images=image_references(model, manifest, bundle), aggregate=recipe.parity.prompt_aggregate)
     verdict = gate(numbers, recipe.parity, allow_low_parity)
     thresholds = {k: v for k, v in asdict(recipe.parity).items() if k in PARITY_THRESHOLDS}
-    manifest["parity"] = {"prompt_set": recipe.parity.heldout_set, "prompts_sha256": prompt_set_hash(prompts),
-                          "session_options": config, "thresholds": thresholds, "gate": verdict, **numbers}
-    return manifest["parity"]
+    return ParityRecord(recipe.parity.heldout_set, prompt_set_hash(prompts), config, thresholds, verdict, numbers)
 
 
-def gated_parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict[str, Path], bundle: Path,
-                       fp32_held: dict[str, Path], a16_held: dict[str, A16Fallback], allow_low_parity: bool) -> dict:
+def gated_parity_stage(model, recipe, records, graphs: dict, placed: dict[str, Path], bundle: Path,
+                       fp32_held: dict[str, Path], a16_held: dict[str, A16Fallback],
+                       allow_low_parity: bool) -> ParityRecord:
     """Parity gate with the recipe's two fallbacks, each followed by a fresh measurement:
 
     1. "keep FP32 where parity requires": a text encoder / VAE decoder below the graph floor goes back to its FP32
@@ -66,18 +66,27 @@ def gated_parity_stage(model, recipe, manifest: dict, graphs: dict, placed: dict
        lowest held-out SQNR goes back to 16 bits (``a16_held``, from ``quantize_stage``), one graph at a time, so a
        graph whose 8 bits the gate tolerates keeps them when another one's do not.
 
+    ``records`` (``cw_export.bundle.writer.BuildRecords``) are the build's records so far: each fallback replaces
+    graph entries in ``records.graphs``, and each measurement reads the manifest they assemble to.
     The gate stays open while a fallback may still change the bundle; the last measurement is gated for real."""
-    parity = parity_stage(model, recipe, manifest, graphs, placed,
-                          allow_low_parity or bool(a16_held) or bool(fp32_held), bundle)
-    if keep_fp32_where_parity_requires(manifest, bundle, fp32_held, placed, parity, recipe.parity.graph_min_sqnr_db):
-        parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity or bool(a16_held), bundle)
+
+    def measured(allow: bool) -> ParityRecord:
+        return parity_stage(model, recipe, records.manifest(), graphs, placed, allow, bundle)
+
+    parity = measured(allow_low_parity or bool(a16_held) or bool(fp32_held))
+    kept_fp32 = keep_fp32_where_parity_requires(records.graphs, bundle, fp32_held, placed, parity.graphs,
+                                                recipe.parity.graph_min_sqnr_db)
+    if kept_fp32:
+        records.graphs.update(kept_fp32)
+        parity = measured(allow_low_parity or bool(a16_held))
     elif fp32_held and not a16_held:  # measured with the gate held open for rule 1 only: gate for real now
-        parity["gate"] = gate(parity, recipe.parity, allow_low_parity)
+        parity = parity.with_gate(gate(parity.measured, recipe.parity, allow_low_parity))
     remaining = dict(a16_held)
-    while remaining and not parity["gate"]["passed"]:
-        worst = min(remaining, key=lambda name: parity["graphs"][name]["sqnr_db"])
-        apply_fallbacks(manifest, bundle, {worst: remaining.pop(worst)}, parity["gate"]["failures"])
-        parity = parity_stage(model, recipe, manifest, graphs, placed, allow_low_parity or bool(remaining), bundle)
+    while remaining and not parity.passed:
+        worst = min(remaining, key=lambda name: parity.graphs[name]["sqnr_db"])
+        records.graphs.update(apply_fallbacks(records.graphs, bundle, {worst: remaining.pop(worst)},
+                                              parity.gate["failures"]))
+        parity = measured(allow_low_parity or bool(remaining))
     if a16_held and remaining and not allow_low_parity:  # measured with the gate held open: gate for real now
-        parity["gate"] = gate(parity, recipe.parity, allow_low_parity)
+        parity = parity.with_gate(gate(parity.measured, recipe.parity, allow_low_parity))
     return parity

@@ -4,9 +4,10 @@ while the gate measures, and put back in the bundle when it asks (cw_export.pari
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..contract.schema import GraphEntry, QuantRecord
 from . import IMAGE_GRAPHS, graphs_to_quantize
 
 def move_graph(src: Path, dst_dir: Path, name: str) -> bool:
@@ -57,62 +58,67 @@ def hold_a16(result, name: str, fallback_dir: Path) -> A16Fallback:
     return A16Fallback(file, encodings, dict(result.details))
 
 
-def apply_fallbacks(manifest: dict, bundle: Path, fallbacks: dict[str, A16Fallback], failures: list[str]) -> None:
+def apply_fallbacks(entries: dict[str, GraphEntry], bundle: Path, fallbacks: dict[str, A16Fallback],
+                    failures: list[str]) -> dict[str, GraphEntry]:
     """Put the held a16 graphs in place of their 8-bit versions after those failed the bundle's parity gate
-    (the sweep's floors are measured per graph on calibration inputs; the gate on whole held-out trajectories)."""
+    (the sweep's floors are measured per graph on calibration inputs; the gate on whole held-out trajectories);
+    returns their new entries."""
+    changed = {}
     for name, held in fallbacks.items():
         external = move_graph(held.file, bundle / "graphs", name)
         for stale in (bundle / "encodings").glob(f"{name}.*") if held.encodings else ():
             stale.unlink()
         for f in held.encodings:
             shutil.move(str(f), bundle / "encodings" / f.name.removeprefix("encodings-"))
-        entry = manifest["graphs"][name]
-        quant = entry["quantization"]
-        first = {"precision": entry["precision"], "reason": quant["reason"], "gate_failures": list(failures)}
-        entry["precision"] = f"w{quant['weight_bits']}a16"
-        entry["external_data"] = external
-        quant.update({"activation_bits": 16, "details": held.details, "gate_fallback": first,
-                      "reason": f"a16: the sweep's 8-bit choice ({first['precision']}) failed the bundle's parity "
-                                f"gate ({'; '.join(failures)}), so this graph fell back to 16-bit activations"})
+        entry = entries[name]
+        quant = entry.quantization
+        first = {"precision": entry.precision, "reason": quant.reason, "gate_failures": list(failures)}
+        record = replace(quant, activation_bits=16, details=held.details, gate_fallback=first,
+                         reason=f"a16: the sweep's 8-bit choice ({first['precision']}) failed the bundle's parity "
+                                f"gate ({'; '.join(failures)}), so this graph fell back to 16-bit activations")
+        changed[name] = entry.with_quantization(f"w{quant.weight_bits}a16", record, external)
+    return changed
 
 
-def hold_fp32(recipe, manifest: dict, bundle: Path, fallback_dir: Path) -> dict[str, Path]:
-    """Copies of the FP32 exports of the once-per-image graphs this recipe quantizes, held until parity is measured
-    (call before ``quantize_stage`` replaces them): ``keep_fp32_where_parity_requires`` may put them back."""
+def hold_fp32(recipe, graphs, bundle: Path, fallback_dir: Path) -> dict[str, Path]:
+    """Copies of the FP32 exports of the once-per-image graphs (of ``graphs``: the bundle's graph names) this
+    recipe quantizes, held until parity is measured (call before ``quantize_stage`` replaces them):
+    ``keep_fp32_where_parity_requires`` may put them back."""
     held = {}
-    for name in graphs_to_quantize(recipe.quantization, manifest["graphs"]):
+    for name in graphs_to_quantize(recipe.quantization, graphs):
         if name in IMAGE_GRAPHS:
             held[name] = _hold_graph(bundle / "graphs", name, fallback_dir / "fp32" / name)
     return held
 
 
-def keep_fp32_where_parity_requires(manifest: dict, bundle: Path, held: dict[str, Path], placed: dict[str, Path],
-                                    parity: dict, floor: float) -> list[str]:
-    """Put back the FP32 export of every held once-per-image graph whose held-out SQNR is below the recipe's graph
-    floor, instead of failing the build: it runs once per image, so FP32 costs little time, while a noisy text
-    embedding or image costs parity. Its quantization entry keeps the reason and the measured numbers; it leaves
-    ``placed`` (parity must be measured again). Returns the graphs put back."""
-    reverted = []
+def keep_fp32_where_parity_requires(entries: dict[str, GraphEntry], bundle: Path, held: dict[str, Path],
+                                    placed: dict[str, Path], measured_graphs: dict,
+                                    floor: float) -> dict[str, GraphEntry]:
+    """Put back the FP32 export of every held once-per-image graph whose held-out SQNR (``measured_graphs``: the
+    parity record's per-graph numbers) is below the recipe's graph floor, instead of failing the build: it runs
+    once per image, so FP32 costs little time, while a noisy text embedding or image costs parity. Its quantization
+    record keeps the reason and the measured numbers; it leaves ``placed`` (parity must be measured again).
+    Returns the new entries of the graphs put back."""
+    reverted = {}
     for name, fp32_file in held.items():
-        measured = parity["graphs"].get(name)
+        measured = measured_graphs.get(name)
         if measured is None or floor <= 0 or measured["sqnr_db"] >= floor:
             continue
-        entry = manifest["graphs"][name]
-        tried = entry["quantization"]
-        entry["external_data"] = move_graph(fp32_file, bundle / "graphs", name)
-        for stale in (bundle / "encodings").glob(f"{name}.*") if tried.get("encodings") else ():
+        entry = entries[name]
+        tried = entry.quantization
+        external = move_graph(fp32_file, bundle / "graphs", name)
+        for stale in (bundle / "encodings").glob(f"{name}.*") if tried.encodings else ():
             stale.unlink()
         if (bundle / "encodings").is_dir() and not any((bundle / "encodings").iterdir()):
             (bundle / "encodings").rmdir()
-        entry["quantization"] = {
-            "backend": None,
-            "reason": f"FP32: kept where parity requires: {entry['precision']} ({tried['backend']}) measured "
-                      f"{measured['sqnr_db']:.2f} dB SQNR vs FP32 on held-out inputs, below the recipe's graph floor "
-                      f"{floor:g} dB",
-            "parity_fallback": {"precision": entry["precision"], "backend": tried["backend"],
-                                "activation_bits": tried["activation_bits"], "sqnr_db": measured["sqnr_db"],
-                                "outputs": measured["outputs"], "graph_min_sqnr_db": floor}}
-        entry["precision"] = "fp32"
+        record = QuantRecord(
+            None,
+            reason=f"FP32: kept where parity requires: {entry.precision} ({tried.backend}) measured "
+                   f"{measured['sqnr_db']:.2f} dB SQNR vs FP32 on held-out inputs, below the recipe's graph floor "
+                   f"{floor:g} dB",
+            parity_fallback={"precision": entry.precision, "backend": tried.backend,
+                             "activation_bits": tried.activation_bits, "sqnr_db": measured["sqnr_db"],
+                             "outputs": measured["outputs"], "graph_min_sqnr_db": floor})
+        reverted[name] = entry.with_quantization("fp32", record, external)
         placed.pop(name, None)
-        reverted.append(name)
     return reverted

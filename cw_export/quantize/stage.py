@@ -2,17 +2,19 @@
 (whole graph, then per block: cw_export.quantize.mixed); the 16-bit versions of 8-bit choices are held for the
 parity gate (cw_export.quantize.fallback).
 
-It takes the in-progress bundle folder and its manifest dict, puts the quantized graphs (and encodings) in that folder
-and records each graph's quantization in the manifest.
+It takes the in-progress bundle folder and the export's graph entries, puts the quantized graphs (and encodings) in
+that folder and returns each graph's new entry (``GraphEntry`` with its ``QuantRecord``).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..calibrate.collect import CalibrationSet
+from ..contract.schema import GraphEntry, QuantRecord
 from ..parity.measure import graph_sqnr
 from ..runtime.sessions import create_session, manifest_session_config
 from . import FP32_REASONS, GraphJob, get_backend, graphs_to_quantize, planned_bits
@@ -21,19 +23,29 @@ from .fallback import A16Fallback, hold_a16, move_graph
 SWEEP_SAMPLES = 8  # calibration samples the a8 sensitivity sweep measures each candidate on
 
 
+@dataclass
+class QuantizeResult:
+    """The quantize stage's output: every graph's new entry, the quantized files inside the bundle, and (with a
+    fallback folder) the a16 versions of the graphs that went to 8-bit activations, for ``apply_fallbacks``."""
+
+    entries: dict[str, GraphEntry]
+    placed: dict[str, Path]
+    fallbacks: dict[str, A16Fallback]
 
 
-def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: CalibrationSet, bundle: Path,
-                   progress: bool, fallback_dir: Path | None = None) -> tuple[dict[str, Path], dict[str, A16Fallback]]:
-    """Quantize every graph the recipe quantizes (``graphs_to_quantize``); returns graph name -> quantized file
-    inside ``bundle``, and (with ``fallback_dir``) the a16 versions of the graphs that went to 8-bit activations,
-    for ``apply_fallbacks``."""
+def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graphs: dict,
+                   calibration: CalibrationSet, bundle: Path, progress: bool,
+                   fallback_dir: Path | None = None) -> QuantizeResult:
+    """Quantize every graph the recipe quantizes (``graphs_to_quantize``) of the bundle whose manifest view is
+    ``manifest`` and whose graph entries are ``entries``; the graphs it does not quantize get an FP32 record with
+    the reason."""
     from ..progress import progress_bar
 
     q = recipe.quantization
     backend = get_backend(q.backend)
     config = manifest_session_config(manifest)
-    names = graphs_to_quantize(q, manifest["graphs"])
+    names = graphs_to_quantize(q, entries)
+    new_entries: dict[str, GraphEntry] = {}
     placed: dict[str, Path] = {}
     fallbacks: dict[str, A16Fallback] = {}
     with tempfile.TemporaryDirectory(prefix="cw-quantize-") as work:
@@ -94,15 +106,13 @@ def quantize_stage(recipe, manifest: dict, graphs: dict, calibration: Calibratio
                     shutil.move(str(f), bundle / "encodings" / f.name)
                 encodings = f"encodings/{result.encodings.name}"
             placed[name] = bundle / "graphs" / f"{name}.onnx"
-            entry = manifest["graphs"][name]
-            entry.update({"precision": f"w{q.weight_bits}a{bits}", "external_data": external, "quantization": {
-                "backend": q.backend, "weight_bits": q.weight_bits, "weights": "per-channel symmetric int",
-                "activation_bits": bits, "activations": "asymmetric, min-max calibrated", "reason": reason,
-                "sweep": sweep, "encodings": encodings, "details": result.details}})
-    for name, entry in manifest["graphs"].items():
+            record = QuantRecord(q.backend, bits, q.weight_bits, encodings, reason, sweep, result.details)
+            new_entries[name] = entries[name].with_quantization(f"w{q.weight_bits}a{bits}", record, external)
+    for name, entry in entries.items():
         if name not in placed:
-            entry["quantization"] = {"backend": None, "reason": FP32_REASONS.get(name, "FP32: not quantized")}
-    return placed, fallbacks
+            fp32 = QuantRecord(None, reason=FP32_REASONS.get(name, "FP32: not quantized"))
+            new_entries[name] = entry.with_quantization(entry.precision, fp32)
+    return QuantizeResult({name: new_entries[name] for name in entries}, placed, fallbacks)
 
 
 

@@ -237,6 +237,8 @@ def test_same_input_guidance_ratio_sees_a_shrunk_guidance_signal(fp32_bundle, ti
 def test_fallback_reverts_one_graph_at_a_time_worst_first(monkeypatch):
     """Two graphs at 8 bits and a failing gate: the one with the lowest held-out SQNR goes back to 16 bits first;
     when the gate then passes, the other keeps its 8 bits; when it still fails, both go back."""
+    from cw_export.bundle.writer import BuildRecords
+    from cw_export.contract.schema import ParityRecord
     from cw_export.parity import stage
 
     def run(low_res_breaks_alone: bool):
@@ -249,19 +251,21 @@ def test_fallback_reverts_one_graph_at_a_time_worst_first(monkeypatch):
                 sqnr["adaptor"] = 28.0
             found = numbers(graph_db=min(sqnr.values()))
             found["graphs"] = {n: {"sqnr_db": v} for n, v in sqnr.items()}
-            found["gate"] = gate(found, THRESHOLDS, allow)
-            return found
+            return ParityRecord("set", "sha", {}, {}, gate(found, THRESHOLDS, allow), found)
 
-        def fall_back(manifest, bundle, held, failures):
+        def fall_back(entries, bundle, held, failures):
             (name,) = held
             at8.discard(name)
             reverted.append(name)
+            return {}
 
         monkeypatch.setattr(stage, "parity_stage", measure)
         monkeypatch.setattr(stage, "apply_fallbacks", fall_back)
         recipe = SimpleNamespace(parity=THRESHOLDS)
-        parity = stage.gated_parity_stage(None, recipe, {}, {}, {}, None, {}, {"low_res": 1, "adaptor": 2}, False)
-        return reverted, parity["gate"]
+        records = BuildRecords({}, {}, {})
+        parity = stage.gated_parity_stage(None, recipe, records, {}, {}, None, {}, {"low_res": 1, "adaptor": 2},
+                                          False)
+        return reverted, parity.gate
 
     assert run(low_res_breaks_alone=True) == (["low_res"], {"passed": True, "failures": [], "allowed_by_flag": False})
     reverted, verdict = run(low_res_breaks_alone=False)

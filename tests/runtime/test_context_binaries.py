@@ -105,7 +105,8 @@ def test_unplaceable_graph_is_one_line_naming_graph_and_ops_and_writes_nothing(t
 
 def test_context_stage_records_each_soc_and_graph_in_the_manifest(qdq_conv, tmp_path):
     """The success path of the build's stage on a bundle whose quantized graph places: files under context/<SOC>/,
-    listed in manifest["context_binaries"][soc][graph], which validate's lint and the hand-off README read."""
+    returned as the manifest's context_binaries[soc][graph] record, which validate's lint and the hand-off README
+    read."""
     from cw_export.quantize.qnn.context_binaries import context_stage
     from cw_export.bundle.handoff import _npu_section
     from cw_export.contract.manifest import list_files
@@ -120,7 +121,8 @@ def test_context_stage_records_each_soc_and_graph_in_the_manifest(qdq_conv, tmp_
     manifest = {"graphs": {"high_res_out": {"file": "graphs/high_res_out.onnx", "precision": "w8a8", **io}},
                 "session_options": session_config("basic")}
     table = context_stage(bundle, manifest, ("SM8650", "SM8550"))
-    assert sorted(table) == ["SM8550", "SM8650"] and manifest["context_binaries"] is table
+    assert sorted(table) == ["SM8550", "SM8650"] and "context_binaries" not in manifest  # a record, not a write
+    manifest["context_binaries"] = table  # as the bundle writer assembles it
     entry = table["SM8650"]["high_res_out"]
     assert entry["model"] == "context/SM8650/high_res_out_ctx.onnx"
     assert entry["binary"] == "context/SM8650/high_res_out_ctx_qnn.bin"

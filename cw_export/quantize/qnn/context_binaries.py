@@ -246,8 +246,9 @@ def load_context(model: Path):
 
 
 def context_stage(bundle: Path, manifest: dict, socs: tuple[str, ...], progress: bool = False) -> dict:
-    """Compile every quantized graph of ``manifest`` for each SoC into ``bundle/context/<SOC>/`` and record them
-    under ``manifest["context_binaries"]``. The first graph that does not place fails the build (one line)."""
+    """Compile every quantized graph of ``manifest`` for each SoC into ``bundle/context/<SOC>/``; returns the
+    manifest's ``context_binaries`` record (SoC -> graph -> files and versions). The first graph that does not
+    place fails the build (one line)."""
     import onnxruntime_qnn
 
     from ...progress import progress_bar
@@ -272,7 +273,6 @@ def context_stage(bundle: Path, manifest: dict, socs: tuple[str, ...], progress:
             "embed_mode": 0, "soc_model": soc.soc_model, "htp_arch": soc.htp_arch, "device": soc.device,
             "qnn_sdk": node.get("ep_sdk_version"), "onnxruntime_qnn": onnxruntime_qnn.__version__,
             "inputs": manifest["graphs"][graph]["inputs"], "outputs": manifest["graphs"][graph]["outputs"]}
-    manifest["context_binaries"] = table
     return table
 
 
