@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .contract.schedule import SamplingSchedule
 from .errors import RecipeError
 from .resources import data_dir
 
@@ -30,6 +31,10 @@ class BuildSection:
     adaptor: str = "identity"  # identity (paper baseline) or learned (model-step distillation)
     height: int = 0  # image height in pixels; 0 = the model's native size
     width: int = 0  # image width in pixels; 0 = the model's native size
+
+    @property
+    def schedule(self) -> SamplingSchedule:
+        return SamplingSchedule(self.sampler, self.steps, self.clock, float(self.guidance_scale))
 
 
 @dataclass(frozen=True)

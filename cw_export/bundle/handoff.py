@@ -531,21 +531,16 @@ def refresh_handoff(bundle: str | Path, manifest: dict | None = None) -> bool:
 
     ``manifest``: an updated manifest (e.g. new parity records) to render from and write, so manifest.json is
     written once, with the README's new hash in it."""
-    from ..atomic import write_file_atomic
-    from ..contract.manifest import MANIFEST_NAME, manifest_bytes, read_manifest, sha256_file
+    from ..contract.manifest import read_manifest
+    from .rewrite import replace_generated, write_manifest_in_place
 
     bundle = Path(bundle)
     updated = manifest is not None
     manifest = manifest if updated else read_manifest(bundle)
-    data = render_handoff(bundle, manifest).encode("utf-8")
-    path = bundle / HANDOFF_NAME
-    changed = not (path.is_file() and path.read_bytes() == data)
-    if changed:
-        write_file_atomic(path, data)
-        manifest["files"][HANDOFF_NAME] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    changed = replace_generated(bundle, manifest, HANDOFF_NAME, render_handoff(bundle, manifest).encode("utf-8"))
     if changed or updated:
-        write_file_atomic(bundle / MANIFEST_NAME, manifest_bytes(manifest))
-    print(f"hand-off {'written' if changed else 'unchanged'}: {path}")
+        write_manifest_in_place(bundle, manifest)
+    print(f"hand-off {'written' if changed else 'unchanged'}: {bundle / HANDOFF_NAME}")
     return changed
 
 

@@ -266,27 +266,4 @@ def write_report(bundle: str | Path, manifest: dict) -> Path:
     return path
 
 
-def report_command(args) -> int:
-    """``cw-export report BUNDLE [--out FILE]``: regenerate the report; in place it also refreshes its manifest entry."""
-    from ..atomic import write_file_atomic
-    from ..contract.manifest import MANIFEST_NAME, manifest_bytes, read_manifest, sha256_file
-
-    bundle = Path(args.bundle)
-    manifest = read_manifest(bundle)
-    data = render_report(bundle, manifest)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(args.out, data)
-        print(f"report written: {args.out}")
-        return 0
-    path = bundle / REPORT_NAME
-    unchanged = path.is_file() and path.read_bytes() == data
-    if not unchanged:
-        write_file_atomic(path, data)
-        manifest["files"][REPORT_NAME] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-        write_file_atomic(bundle / MANIFEST_NAME, manifest_bytes(manifest))
-    print(f"report {'unchanged' if unchanged else 'written'}: {path}")
-    return 0
-
-
-__all__ = ["REPORT_NAME", "SECTIONS", "render_report", "write_report", "report_command", "parity_runs"]
+__all__ = ["REPORT_NAME", "SECTIONS", "render_report", "write_report", "parity_runs"]

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..cache import META_NAME, cache_root, cached_entry
-from ..contract.schedule import step_kinds
+from ..contract.schedule import SamplingSchedule, schedule_fields, step_kinds
 from ..runtime.noise import seeded_noise
 from ..runtime.pipeline import BundleRunner
 
@@ -89,10 +89,7 @@ class CalibrationSettings:
     adaptor_sha256: str | None
     prompts_sha256: str
     num_prompts: int
-    steps: int
-    clock: int
-    guidance_scale: float
-    sampler: str
+    schedule: SamplingSchedule
     latent_shape: tuple[int, ...]
     input_shapes: dict  # graph -> {input name: shape}
     seed: int
@@ -100,22 +97,20 @@ class CalibrationSettings:
     format: int = CALIBRATION_FORMAT
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+        return hashlib.sha256(json.dumps(schedule_fields(self), sort_keys=True).encode()).hexdigest()[:32]
 
 
 def settings_for(manifest: dict, model_sha256: str, prompts: list[str], seed: int, samples_per_graph: int,
                  adaptor_sha256: str | None = None) -> CalibrationSettings:
     from ..prompts import prompt_set_hash
 
-    schedule = manifest["schedule"]
     shapes = {g: {s["name"]: list(s["shape"]) for s in spec["inputs"]}
               for g, spec in sorted(manifest["graphs"].items())}
     return CalibrationSettings(
         model_sha256=model_sha256, adaptor=manifest["adaptor"]["kind"], adaptor_sha256=adaptor_sha256,
-        prompts_sha256=prompt_set_hash(prompts), num_prompts=len(prompts), steps=schedule["steps"],
-        clock=schedule["clock"], guidance_scale=float(manifest["guidance_scale"]), sampler=manifest["sampler"]["name"],
-        latent_shape=tuple(manifest["latent"]["shape"]), input_shapes=shapes, seed=seed,
-        samples_per_graph=samples_per_graph)
+        prompts_sha256=prompt_set_hash(prompts), num_prompts=len(prompts),
+        schedule=SamplingSchedule.of_manifest(manifest), latent_shape=tuple(manifest["latent"]["shape"]),
+        input_shapes=shapes, seed=seed, samples_per_graph=samples_per_graph)
 
 
 # -- reading -------------------------------------------------------------------------------------------------------
@@ -171,7 +166,7 @@ class CalibrationSet:
         s = self.settings
         return {"cache_key": s.key(), "prompts_sha256": s.prompts_sha256,  # no run-dependent fields: builds are byte-reproducible
                 "num_prompts": s.num_prompts, "seeds": [s.seed + k for k in range(s.num_prompts)],
-                "steps": s.steps, "clock": s.clock, "guidance_scale": s.guidance_scale, "sampler": s.sampler,
+                **s.schedule.as_fields(),
                 "adaptor": s.adaptor, "samples_per_graph_cap": s.samples_per_graph,
                 "samples": {g: {"count": len(d), "steps": sorted(set(d.steps))} for g, d in self.graphs.items()}}
 
@@ -207,8 +202,8 @@ def image_graph_steps(manifest: dict, steps: int) -> dict[str, list[int]]:
 
 def _capture(manifest: dict, graphs: dict, tokenize: Tokenize, prompts: list[str], settings: CalibrationSettings,
              out: Path, progress: bool) -> dict:
-    per_graph_steps = {**graph_steps(manifest, settings.steps, settings.clock),
-                       **image_graph_steps(manifest, settings.steps)}
+    per_graph_steps = {**graph_steps(manifest, settings.schedule.steps, settings.schedule.clock),
+                       **image_graph_steps(manifest, settings.schedule.steps)}
     keep = {g: stratified_selection(len(prompts), steps, settings.samples_per_graph)
             for g, steps in per_graph_steps.items()}
     text, decode = manifest["wiring"]["text"], manifest["wiring"]["decode"]
@@ -236,9 +231,9 @@ def _capture(manifest: dict, graphs: dict, tokenize: Tokenize, prompts: list[str
 
         trajectory = runner.generate(hidden, pooled, unit_noise(list(settings.latent_shape), settings.seed + p),
                                      on_step=on_step)
-        save(decode["graph"], settings.steps, {decode["input"]: trajectory.latents.astype(np.float32)})
+        save(decode["graph"], settings.schedule.steps, {decode["input"]: trajectory.latents.astype(np.float32)})
     # order samples step-major so that any prefix / evenly spaced subset covers the trajectory
-    return {"settings": asdict(settings),
+    return {"settings": schedule_fields(settings),
             "graphs": {g: {"files": [rel for _, _, rel in sorted(entries, key=lambda e: (e[1], e[0]))],
                            "steps": [i for _, i, _ in sorted(entries, key=lambda e: (e[1], e[0]))]}
                        for g, entries in files.items()}}

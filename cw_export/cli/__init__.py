@@ -267,15 +267,27 @@ def cmd_inspect(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from ..bundle.report import report_command
+    """``cw-export report BUNDLE [--out FILE]``: regenerate the report; in place it also refreshes its manifest
+    entry and the bundle's hand-off README.md."""
+    from ..atomic import write_file_atomic
+    from ..bundle.handoff import refresh_handoff
+    from ..bundle.report import REPORT_NAME, render_report
+    from ..bundle.rewrite import replace_generated
+    from ..contract.manifest import read_manifest
 
     args = report_parser().parse_args(argv)
-    code = report_command(args)
-    if args.out is None:  # in place: the bundle's hand-off README.md is regenerated too
-        from ..bundle.handoff import refresh_handoff
-
-        refresh_handoff(args.bundle)
-    return code
+    bundle = Path(args.bundle)
+    manifest = read_manifest(bundle)
+    data = render_report(bundle, manifest)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(args.out, data)
+        print(f"report written: {args.out}")
+        return 0
+    changed = replace_generated(bundle, manifest, REPORT_NAME, data)
+    print(f"report {'written' if changed else 'unchanged'}: {bundle / REPORT_NAME}")
+    refresh_handoff(bundle, manifest if changed else None)  # manifest.json written once, with both hashes
+    return 0
 
 
 def distill_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import BundleError
 from .confine import bundle_parts
 from .graphs import CLOCKED, FULL, GRAPHS
+from .schedule import SamplingSchedule
 
 DTYPES = ("float32", "float16", "int64", "int32")  # graph I/O element types the runtime feeds and reads
 ADAPTOR_KINDS = ("identity", "learned")
@@ -168,14 +169,6 @@ class Wiring:
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """The clock schedule: ``steps`` denoising steps, the full UNet every ``clock`` steps (step 1 always)."""
-
-    steps: int
-    clock: int
-
-
-@dataclass(frozen=True)
 class Manifest:
     """The typed view of manifest.json; ``raw`` keeps the JSON object for the fields only reports read."""
 
@@ -183,10 +176,8 @@ class Manifest:
     files: dict[str, tuple[str, int]]  # path -> (sha256, size)
     graphs: dict[str, GraphEntry]
     wiring: Wiring
-    schedule: Schedule
-    sampler_name: str
+    schedule: SamplingSchedule  # sampler, steps, clock (the full UNet every clock steps, step 1 always), guidance
     sampler_config: dict
-    guidance_scale: float
     latent_shape: tuple[int, int, int, int]
     time_features: dict
     tokenizer_folder: str
@@ -384,10 +375,9 @@ def parse_manifest(data: object, where: str = "bundle") -> Manifest:
     return Manifest(
         schema_version=r.integer(r.key(data, "schema_version", ""), "schema_version", 0, 1 << 30),
         files=files, graphs=graphs, wiring=_wiring(r, r.key(data, "wiring", ""), graphs),
-        schedule=Schedule(steps, clock),
-        sampler_name=r.text(r.key(sampler, "name", "sampler"), "sampler.name"),
+        schedule=SamplingSchedule(r.text(r.key(sampler, "name", "sampler"), "sampler.name"), steps, clock,
+                                  r.number(r.key(data, "guidance_scale", ""), "guidance_scale")),
         sampler_config=r.obj(r.key(sampler, "config", "sampler"), "sampler.config"),
-        guidance_scale=r.number(r.key(data, "guidance_scale", ""), "guidance_scale"),
         latent_shape=latent_shape,
         time_features=_time_features(r, r.key(data, "time_features", "")),
         tokenizer_folder=r.inside(r.key(tokenizer, "folder", "tokenizer"), "tokenizer.folder"),

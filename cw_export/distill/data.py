@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +27,12 @@ import torch
 
 from ..cache import META_NAME, cache_root, cached_entry
 from ..progress import progress_bar
-from ..contract.schedule import CLOCKED, step_kinds
+from ..contract.schedule import SamplingSchedule, schedule_fields
 
 DATA_FORMAT = 1  # bump when the layout or the capture changes: old cache entries are then ignored
 INPUTS = ("r_in", "r_out_prev", "temb", "pooled_text")  # the adaptor graph's inputs, in its argument order
 TARGET = "r_out"
 ARRAYS = (*INPUTS, TARGET)
-
-
-def adaptor_steps(steps: int, clock: int) -> list[int]:
-    """0-based indices of the steps on which the runtime runs the adaptor."""
-    return [i for i, kind in enumerate(step_kinds(steps, clock)) if kind == CLOCKED]
 
 
 def unit_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -54,20 +49,17 @@ class TeacherSettings:
     model_sha256: str
     prompts_sha256: str
     num_prompts: int
-    steps: int
-    clock: int
-    guidance_scale: float
-    sampler: str
+    schedule: SamplingSchedule
     latent_shape: tuple[int, ...]  # [1, C, h, w] of one image
     seed: int  # prompt k starts from unit noise seeded seed + k
     format: int = DATA_FORMAT
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+        return hashlib.sha256(json.dumps(schedule_fields(self), sort_keys=True).encode()).hexdigest()[:32]
 
     @property
     def adaptor_steps(self) -> list[int]:
-        return adaptor_steps(self.steps, self.clock)
+        return self.schedule.adaptor_steps
 
 
 TEACHER_BATCH = 16  # prompts unrolled together (CFG batch 2 x 16): about 2x faster than one by one on a CPU
@@ -97,8 +89,9 @@ def teacher_features(model, split, hidden: torch.Tensor, pooled: torch.Tensor, n
                          "pooled_text": pooled_np})
 
     trajectory = torch_split_trajectory(model, hidden.to(device), pooled.to(device),
-                                        torch.from_numpy(noise).to(device), settings.steps, clock=1,
-                                        guidance_scale=settings.guidance_scale, sampler=settings.sampler,
+                                        torch.from_numpy(noise).to(device), settings.schedule.steps, clock=1,
+                                        guidance_scale=settings.schedule.guidance_scale,
+                                        sampler=settings.schedule.sampler,
                                         on_step=record, split=split)
     return per_step, trajectory
 
@@ -192,5 +185,5 @@ def _unroll(model, prompts: list[str], settings: TeacherSettings, out: Path, dev
     for array in memmaps.values():
         array.flush()
     del memmaps
-    return {"settings": asdict(settings), "count": len(step_index), "prompt_index": prompt_index,
+    return {"settings": schedule_fields(settings), "count": len(step_index), "prompt_index": prompt_index,
             "step_index": step_index, "arrays": list(ARRAYS)}

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import TeacherSettings, adaptor_steps, pairs_from_features, teacher_features, unit_noise
+from ..contract.schedule import SamplingSchedule
+from .data import TeacherSettings, pairs_from_features, teacher_features, unit_noise
 
 IDENTICAL_DB = 999.0
 
@@ -34,6 +35,10 @@ class EvalSettings:
     guidance_scale: float = 7.5
     sampler: str = "dpmpp_2m"
     seed: int = 1000  # held-out noise seeds differ from the training seeds
+
+    @property
+    def schedule(self) -> SamplingSchedule:
+        return SamplingSchedule(self.sampler, self.steps, self.clock, float(self.guidance_scale))
 
 
 class _Mse:
@@ -69,11 +74,10 @@ def evaluate_adaptors(model, adaptors: dict[str, torch.nn.Module | None], settin
     prompts = load_prompt_set(settings.prompts)
     if settings.num_prompts:
         prompts = prompts[: settings.num_prompts]
-    steps = adaptor_steps(settings.steps, settings.clock)
+    steps = settings.schedule.adaptor_steps
     latent_shape = (1, model.unet.config.in_channels, model.default_latent_size, model.default_latent_size)
-    teacher = TeacherSettings(model.source["sha256"], prompt_set_hash(prompts), len(prompts), settings.steps,
-                              settings.clock, float(settings.guidance_scale), settings.sampler, latent_shape,
-                              settings.seed)
+    teacher = TeacherSettings(model.source["sha256"], prompt_set_hash(prompts), len(prompts), settings.schedule,
+                              latent_shape, settings.seed)
     split = split_unet(model.unet)
     forced = {name: _Mse() for name in adaptors}
     rollout = {name: _Mse() for name in adaptors}

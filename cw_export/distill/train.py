@@ -29,7 +29,8 @@ import torch
 from ..errors import CwExportError, InputError
 from . import DEFAULT_EPOCHS
 from . import checkpoint as ckpt
-from .data import TeacherData, TeacherSettings, adaptor_steps, collect_teacher_data
+from ..contract.schedule import SamplingSchedule
+from .data import TeacherData, TeacherSettings, collect_teacher_data
 
 
 
@@ -55,6 +56,10 @@ class DistillOptions:
     cache: Path | None = None  # teacher-data cache root; None = $CW_EXPORT_CACHE or ~/.cache/cw-export
     progress: bool = True
 
+    @property
+    def schedule(self) -> SamplingSchedule:
+        return SamplingSchedule(self.sampler, self.steps, self.clock, float(self.guidance_scale))
+
 
 @dataclass
 class DistillResult:
@@ -69,7 +74,7 @@ def check_options(options: DistillOptions) -> None:
     from ..contract.schedule import check_steps_and_clock
 
     check_steps_and_clock(options.steps, options.clock)
-    if not adaptor_steps(options.steps, options.clock):
+    if not options.schedule.adaptor_steps:
         raise InputError(f"--clock {options.clock} with --steps {options.steps} never runs the adaptor: "
                          "nothing to distil (use --clock >= 2)")
     if options.sampler not in schedulers.SAMPLERS:
@@ -120,8 +125,7 @@ def load_for_distill(options: DistillOptions, model=None):
     hw = options.latent_hw or (model.default_latent_size, model.default_latent_size)
     teacher = TeacherSettings(
         model_sha256=model.source["sha256"], prompts_sha256=prompt_set_hash(prompts), num_prompts=len(prompts),
-        steps=options.steps, clock=options.clock, guidance_scale=float(options.guidance_scale),
-        sampler=options.sampler, latent_shape=(1, model.unet.config.in_channels, *hw), seed=options.seed)
+        schedule=options.schedule, latent_shape=(1, model.unet.config.in_channels, *hw), seed=options.seed)
     return model, prompts, teacher
 
 

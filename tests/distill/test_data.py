@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cw_export.distill.data import TeacherSettings, adaptor_steps, collect_teacher_data, unit_noise
+from cw_export.contract.schedule import SamplingSchedule, adaptor_steps
+from cw_export.distill.data import TeacherSettings, collect_teacher_data, unit_noise
 from cw_export.prompts import prompt_set_hash
 from cw_export.reference import text_embeddings, torch_split_trajectory, torch_trajectory
 
@@ -15,8 +16,8 @@ PROMPTS = ["a red square at the top left", "a small green circle in the center"]
 
 def _settings(model, steps=6, clock=3, seed=5) -> TeacherSettings:
     return TeacherSettings(model_sha256=model.source["sha256"], prompts_sha256=prompt_set_hash(PROMPTS),
-                           num_prompts=len(PROMPTS), steps=steps, clock=clock, guidance_scale=7.5,
-                           sampler="dpmpp_2m", latent_shape=(1, 4, 16, 16), seed=seed)
+                           num_prompts=len(PROMPTS), schedule=SamplingSchedule("dpmpp_2m", steps, clock, 7.5),
+                           latent_shape=(1, 4, 16, 16), seed=seed)
 
 
 def _hooked_teacher(model, prompt: str, noise: np.ndarray, steps: int) -> dict[str, list[torch.Tensor]]:
@@ -61,7 +62,7 @@ def test_pairs_are_the_teachers_features_at_clocked_steps(tiny_model, tmp_path):
     assert data.shapes() == {"r_in": (2, 32, 8, 8), "r_out_prev": (2, 64, 8, 8), "temb": (2, 128),
                              "pooled_text": (2, 32), "r_out": (2, 64, 8, 8)}
     for k, prompt in enumerate(PROMPTS):
-        seen = _hooked_teacher(tiny_model, prompt, unit_noise(settings.latent_shape, settings.seed + k), settings.steps)
+        seen = _hooked_teacher(tiny_model, prompt, unit_noise(settings.latent_shape, settings.seed + k), settings.schedule.steps)
         _, pooled = text_embeddings(tiny_model, prompt)
         for row in np.flatnonzero(data.prompt_index == k):
             i = int(data.step_index[row])
