@@ -183,6 +183,7 @@ class Manifest:
     tokenizer_folder: str
     model_max_length: int
     adaptor_kind: str
+    parity: ParityRecord | None = None  # quantized bundles: the build's parity gate
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 
 
@@ -338,6 +339,27 @@ def _time_features(r: _Reader, value) -> dict:
     return data
 
 
+PARITY_FIELDS = ("prompt_set", "prompts_sha256", "session_options", "thresholds", "gate")
+
+
+def _parity(r: _Reader, value) -> ParityRecord | None:
+    """The parity record's frame (its numbers are validate's to re-measure, not this reader's to judge)."""
+    if value is None:
+        return None
+    data = r.obj(value, "parity")
+    for key in PARITY_FIELDS:
+        r.key(data, key, "parity")
+    gate = r.obj(data["gate"], "parity.gate")
+    if not isinstance(r.key(gate, "passed", "parity.gate"), bool):
+        r.fail("parity.gate.passed", "must be true or false")
+    r.obj(r.key(data, "graphs", "parity"), "parity.graphs")
+    return ParityRecord(r.text(data["prompt_set"], "parity.prompt_set"),
+                        r.text(data["prompts_sha256"], "parity.prompts_sha256"),
+                        r.obj(data["session_options"], "parity.session_options"),
+                        r.obj(data["thresholds"], "parity.thresholds"), gate,
+                        {k: v for k, v in data.items() if k not in PARITY_FIELDS})
+
+
 def parse_manifest(data: object, where: str = "bundle") -> Manifest:
     """The typed manifest of ``data`` (manifest.json's JSON object); a BundleError names the first bad field."""
     r = _Reader(where)
@@ -384,4 +406,4 @@ def parse_manifest(data: object, where: str = "bundle") -> Manifest:
         model_max_length=r.integer(r.key(tokenizer, "model_max_length", "tokenizer"), "tokenizer.model_max_length",
                                    2, 4096),
         adaptor_kind=r.text(r.key(adaptor, "kind", "adaptor"), "adaptor.kind", ADAPTOR_KINDS),
-        raw=data)
+        parity=_parity(r, data.get("parity")), raw=data)

@@ -10,7 +10,7 @@ import pytest
 
 from cw_export.errors import ParityError
 from cw_export.parity.measure import failures, gate
-from cw_export.contract.manifest import read_manifest
+from cw_export.contract.manifest import load_manifest, read_manifest
 
 
 def numbers(graph_db=40.0, step_db=(40.0, 35.0), ratio=1.0):
@@ -187,6 +187,8 @@ def test_a8_choice_that_fails_the_gate_falls_back_to_a16(tmp_path, quant):
     assert first["precision"] == "w8a8" and first["reason"].startswith("a8: sensitivity sweep")
     assert any("low_res" in f for f in first["gate_failures"])
     assert "fell back to 16-bit" in entry["quantization"]["reason"]
+    typed = load_manifest(bundle)  # the fallback's record reads back whole (one reader, one JSON form)
+    assert typed.graphs["low_res"].to_dict() == entry and typed.graphs["low_res"].quantization.gate_fallback == first
     parity = manifest["parity"]
     assert parity["gate"] == {"passed": True, "failures": [], "allowed_by_flag": False}
     assert parity["graphs"]["low_res"]["sqnr_db"] >= 30.0
