@@ -26,7 +26,7 @@ ACTIVATION_BITS = (8, 16)
 WEIGHT_BITS = (8,)
 TIME_FEATURES_INPUT = "time_features"  # high_res_in's sinusoidal timestep embedding (cw_export.split)
 TIME_FEATURES_BITS = 16  # quantized at 16 bits even in an 8-bit graph: it carries the step index for every layer
-LAYER_SWEEPS = ("off", "block", "layer")  # granularity of the per-layer a8 sweep (cw_export.quantize.mixed)
+LAYER_SWEEPS = ("off", "block", "layer", "mac")  # granularity of the per-layer a8 sweep (cw_export.quantize.mixed)
 # LOOP_GRAPHS (the denoising loop) are always quantized; IMAGE_GRAPHS (once per image) only where the recipe names them
 QUANTIZED_GRAPHS = LOOP_GRAPHS + IMAGE_GRAPHS  # every graph a recipe may quantize
 FP32_REASONS = {  # why a graph the recipe does not quantize stays FP32 (recorded per graph in the manifest)

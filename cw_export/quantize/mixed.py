@@ -7,7 +7,9 @@ from the 8-bit graph (onnxruntime and QNN requantize between a 16-bit and an 8-b
 
 The sweep works on layer groups, not single tensors: a group is the module path of a tensor (``/down_blocks.0/
 resnets.0/conv1/Conv_output_0`` -> ``down_blocks.0/resnets.0/conv1`` at layer depth, ``down_blocks.0/resnets.0`` at
-block depth), so its cost is one session per group and the manifest can say which layers run at 8 bits.
+block depth), or at MAC depth the activation inputs of one Conv / MatMul (``mac_groups``: only MAC inputs move to 8
+bits, everything between them stays at 16), so its cost is one session per group and the manifest can say which
+layers run at 8 bits.
 
   1. sensitivity: for each group, SQNR of the 16-bit graph with only that group at 8 bits
   2. order the groups from least to most harmful; the largest prefix whose merged graph keeps the SQNR floor wins
@@ -58,11 +60,9 @@ def group_of(tensor: str, depth: int) -> str:
     return "/".join(modules[:depth]) if modules else "graph"
 
 
-def group_tensors(model, tensors: list[str], depth: int) -> dict[str, list[str]]:
-    """Sweep groups of ``tensors`` by module path; tensors that share quantization parameters (onnxruntime gives
-    e.g. a Reshape's input and output the same scale initializer) always land in the same group, the one of the
-    first of them in graph order, because changing a shared initializer moves all of them."""
-    quantizers = activation_quantizers(model)
+def _components(tensors: list[str], links) -> dict[str, str]:
+    """Each tensor's component under ``links`` (pairs that must move together), named by its earliest member in
+    ``tensors``' order."""
     order = {t: i for i, t in enumerate(tensors)}
     parent = {t: t for t in tensors}
 
@@ -72,17 +72,75 @@ def group_tensors(model, tensors: list[str], depth: int) -> dict[str, list[str]]
             t = parent[t]
         return t
 
+    for t, other in links:
+        a, b = find(t), find(other)
+        if a != b:  # union: the earlier tensor in graph order is the root
+            parent[max(a, b, key=order.get)] = min(a, b, key=order.get)
+    return {t: find(t) for t in tensors}
+
+
+def _shared_parameters(model, tensors: list[str]):
+    """Pairs of tensors that share a quantization parameter initializer (onnxruntime gives e.g. a Reshape's input
+    and output the same scale): changing it moves both, so they must stay in one group."""
+    quantizers = activation_quantizers(model)
     owner: dict[str, str] = {}  # initializer name -> first tensor using it
     for t in tensors:
         for init in quantizers[t]:
-            other = owner.setdefault(init, t)
-            a, b = find(t), find(other)
-            if a != b:  # union: the earlier tensor in graph order is the root
-                parent[max(a, b, key=order.get)] = min(a, b, key=order.get)
-    root = {t: find(t) for t in tensors}
+            yield t, owner.setdefault(init, t)
+
+
+def group_tensors(model, tensors: list[str], depth: int) -> dict[str, list[str]]:
+    """Sweep groups of ``tensors`` by module path; tensors that share quantization parameters always land in the
+    same group, the one of the first of them in graph order."""
+    root = _components(tensors, _shared_parameters(model, tensors))
     groups: dict[str, list[str]] = {}
     for t in tensors:
         groups.setdefault(group_of(root[t], depth), []).append(t)
+    return groups
+
+
+MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")  # the ops whose activation inputs a8_mac_share counts
+
+
+def mac_inputs(model) -> dict[str, list[str]]:
+    """MAC node name -> the activation tensors whose DequantizeLinear feeds it (tensor -> QuantizeLinear ->
+    DequantizeLinear -> Conv/ConvTranspose/MatMul/Gemm); weights (initializer-fed quantizers) are not listed."""
+    quantizers = activation_quantizers(model)
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+    found: dict[str, list[str]] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in MAC_OPS:
+            continue
+        tensors = []
+        for name in node.input[:2]:
+            dq = produced_by.get(name)
+            q = produced_by.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in quantizers:
+                tensors.append(q.input[0])
+        if tensors:
+            found[node.name or f"{node.op_type}_{index}"] = tensors
+    return found
+
+
+def mac_groups(model, tensors: list[str]) -> dict[str, list[str]]:
+    """Sweep groups at MAC granularity: the 16-bit activation inputs of each Conv / ConvTranspose / MatMul / Gemm.
+    Only MAC inputs are candidates (what the NPU's 8-bit speed-up and ``a8_mac_share`` are about): the tensors
+    between them (norm statistics, softmax logits, residual sums) stay at 16 bits. Inputs shared by several MACs
+    (a LayerNorm output feeding q, k and v; the text embedding feeding every cross-attention) or sharing
+    quantization parameters form one group, named by its first MAC in graph order."""
+    candidates = set(tensors)
+    feeds = {mac: [t for t in inputs if t in candidates] for mac, inputs in mac_inputs(model).items()}
+    feeds = {mac: inputs for mac, inputs in feeds.items() if inputs}
+    members = [t for t in tensors if any(t in inputs for inputs in feeds.values())]
+    links = [pair for pair in _shared_parameters(model, tensors) if pair[0] in members and pair[1] in members]
+    links += [(inputs[0], t) for inputs in feeds.values() for t in inputs[1:]]
+    root = _components(members, links)
+    name_of_root: dict[str, str] = {}
+    for mac, inputs in feeds.items():  # graph order: the first MAC of a component names it
+        name_of_root.setdefault(root[inputs[0]], mac)
+    groups: dict[str, list[str]] = {}
+    for t in members:
+        groups.setdefault(name_of_root[root[t]], []).append(t)
     return groups
 
 
@@ -144,7 +202,7 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
     donor = onnx.load(str(donor_file), load_external_data=False)
     donor_tensors = set(activation_quantizers(donor))
     tensors = [t for t in sixteen_bit_tensors(base) if t in donor_tensors]
-    groups = group_tensors(base, tensors, SWEEP_DEPTHS[depth])
+    groups = mac_groups(base, tensors) if depth == "mac" else group_tensors(base, tensors, SWEEP_DEPTHS[depth])
     result = LayerSweep(depth=depth)
     trial_file = base_file.with_name(base_file.stem + ".trial.onnx")
 
