@@ -51,7 +51,8 @@ class QuantizationSection:
     a8_candidates: list = field(default_factory=list)  # graphs tried at 8-bit activations (per-graph sensitivity sweep)
     a8_min_sqnr_db: float = 0.0  # a candidate keeps 8-bit activations only if its SQNR on calibration data is >= this
     a8_min_guidance_sqnr_db: float = 0.0  # ... and the SQNR of its outputs' cond - uncond difference >= this
-    a8_layer_sweep: str = "off"  # off, block or layer: a candidate that fails whole gets 8 bits per block/layer
+    a8_layer_sweep: str = "off"  # off, block, layer or mac: a candidate that fails whole gets 8 bits per group
+    a8_range: str = "minmax"  # how 8-bit activation ranges are set: minmax, or percentile (clips the rare outliers)
     calibration_set: str = "default"  # builtin prompt set name or a prompt file (--calibration FILE overrides it)
     calibration_prompts: int = 16  # prompts taken from the set: budget of FP32 trajectories (--calibration-prompts)
     calibration_samples: int = 64  # cap of stored input samples per graph, stratified across the steps it runs at

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CwExportError, InputError
-from ..quantize import LAYER_SWEEPS
+from ..quantize import A8_RANGES, LAYER_SWEEPS
 
 SUBCOMMANDS = ("build", "run", "validate", "model", "inspect", "report", "distill", "evaluate")
 
@@ -89,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap of stored calibration inputs per graph (default: recipe)")
     quant.add_argument("--a8-sweep", choices=LAYER_SWEEPS,
                        help="how far the 8-bit activation sweep goes when a candidate graph misses the floors whole: "
-                       "off = that graph stays 16-bit, block/layer = 8 bits per block/layer that keeps them (default: "
-                       "recipe; each block costs one quantization + scoring run of the graph: 'off' is the budget "
-                       "setting for SD 1.5-size models)")
+                       "off = that graph stays 16-bit, block/layer = 8 bits per block/layer that keeps them, mac = "
+                       "8 bits on the inputs of each Conv/MatMul that keeps them (default: recipe; each group costs "
+                       "one scoring run of the graph: 'off' is the budget setting for SD 1.5-size models)")
+    quant.add_argument("--a8-range", choices=A8_RANGES,
+                       help="range setting of 8-bit activations: minmax, or percentile (clips rare outliers; "
+                       "default: recipe)")
     quant.add_argument("--parity-prompts", type=_positive_int("--parity-prompts"), metavar="N",
                        help="number of held-out prompts parity is measured on (default: recipe)")
     quant.add_argument("--quant-backend", choices=["aimet", "ort"], help="quantization backend (default: recipe)")
@@ -112,7 +115,7 @@ def _apply_quantization_flags(recipe, args):
     given = [flag for flag, value in (("--calibration", args.calibration),
                                       ("--calibration-prompts", args.calibration_prompts),
                                       ("--calibration-samples", args.calibration_samples),
-                                      ("--a8-sweep", args.a8_sweep),
+                                      ("--a8-sweep", args.a8_sweep), ("--a8-range", args.a8_range),
                                       ("--parity-prompts", args.parity_prompts),
                                       ("--quant-backend", args.quant_backend)) if value is not None]
     if args.allow_low_parity:
@@ -130,7 +133,7 @@ def _apply_quantization_flags(recipe, args):
         calibration = str(args.calibration.absolute())
     return recipe.with_quantization(
         backend=args.quant_backend, calibration_set=calibration, calibration_prompts=args.calibration_prompts,
-        calibration_samples=args.calibration_samples, a8_layer_sweep=args.a8_sweep,
+        calibration_samples=args.calibration_samples, a8_layer_sweep=args.a8_sweep, a8_range=args.a8_range,
     ).with_parity(heldout_prompts=args.parity_prompts, heldout_set=declared.get("heldout_set"))
 
 

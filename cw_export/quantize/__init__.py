@@ -27,6 +27,8 @@ WEIGHT_BITS = (8,)
 TIME_FEATURES_INPUT = "time_features"  # high_res_in's sinusoidal timestep embedding (cw_export.split)
 TIME_FEATURES_BITS = 16  # quantized at 16 bits even in an 8-bit graph: it carries the step index for every layer
 LAYER_SWEEPS = ("off", "block", "layer", "mac")  # granularity of the per-layer a8 sweep (cw_export.quantize.mixed)
+A8_RANGES = ("minmax", "percentile")  # range setting of 8-bit activations (16-bit ones are always min-max)
+A8_PERCENTILE = 99.99  # percentile of |activation| an 8-bit range keeps (onnxruntime's histogram calibrator)
 # LOOP_GRAPHS (the denoising loop) are always quantized; IMAGE_GRAPHS (once per image) only where the recipe names them
 QUANTIZED_GRAPHS = LOOP_GRAPHS + IMAGE_GRAPHS  # every graph a recipe may quantize
 FP32_REASONS = {  # why a graph the recipe does not quantize stays FP32 (recorded per graph in the manifest)
@@ -89,6 +91,8 @@ def check_settings(settings) -> None:
     if settings.a8_layer_sweep not in LAYER_SWEEPS:
         raise RecipeError(f"[quantization] a8_layer_sweep = {settings.a8_layer_sweep!r}; "
                           f"must be one of {', '.join(LAYER_SWEEPS)}")
+    if settings.a8_range not in A8_RANGES:
+        raise RecipeError(f"[quantization] a8_range = {settings.a8_range!r}; must be one of {', '.join(A8_RANGES)}")
     for name in ("calibration_prompts", "calibration_samples"):
         if getattr(settings, name) < 1:
             raise RecipeError(f"[quantization] {name} must be >= 1, got {getattr(settings, name)}")

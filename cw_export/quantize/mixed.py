@@ -125,22 +125,23 @@ def mac_inputs(model) -> dict[str, list[str]]:
 def mac_groups(model, tensors: list[str]) -> dict[str, list[str]]:
     """Sweep groups at MAC granularity: the 16-bit activation inputs of each Conv / ConvTranspose / MatMul / Gemm.
     Only MAC inputs are candidates (what the NPU's 8-bit speed-up and ``a8_mac_share`` are about): the tensors
-    between them (norm statistics, softmax logits, residual sums) stay at 16 bits. Inputs shared by several MACs
-    (a LayerNorm output feeding q, k and v; the text embedding feeding every cross-attention) or sharing
-    quantization parameters form one group, named by its first MAC in graph order."""
+    between them (norm statistics, softmax logits, residual sums) stay at 16 bits, except a tensor that shares its
+    quantization parameters with a MAC input (it moves with it, so it is in its group). Inputs shared by several
+    MACs (a LayerNorm output feeding q, k and v; the text embedding feeding every cross-attention) form one group,
+    named by its first MAC in graph order."""
     candidates = set(tensors)
     feeds = {mac: [t for t in inputs if t in candidates] for mac, inputs in mac_inputs(model).items()}
     feeds = {mac: inputs for mac, inputs in feeds.items() if inputs}
-    members = [t for t in tensors if any(t in inputs for inputs in feeds.values())]
-    links = [pair for pair in _shared_parameters(model, tensors) if pair[0] in members and pair[1] in members]
+    links = list(_shared_parameters(model, tensors))
     links += [(inputs[0], t) for inputs in feeds.values() for t in inputs[1:]]
-    root = _components(members, links)
+    root = _components(tensors, links)
     name_of_root: dict[str, str] = {}
     for mac, inputs in feeds.items():  # graph order: the first MAC of a component names it
         name_of_root.setdefault(root[inputs[0]], mac)
     groups: dict[str, list[str]] = {}
-    for t in members:
-        groups.setdefault(name_of_root[root[t]], []).append(t)
+    for t in tensors:
+        if root[t] in name_of_root:
+            groups.setdefault(name_of_root[root[t]], []).append(t)
     return groups
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
+from . import A8_PERCENTILE, TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
 from .qnn.htp_forms import apply_htp_forms_file
 
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the quantizer must write external data (protobuf 2 GB limit)
@@ -161,7 +161,7 @@ def raise_opset(path: Path, opset: int = QDQ_OPSET) -> bool:
 
 def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     import onnx
-    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,11 +197,15 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         overrides.update(layernorm_gammas)
         # 3. QNN configuration
         job.calibration.rewind()
+        percentile = job.activation_bits == 8 and settings.a8_range == "percentile"
         config = get_qnn_qdq_config(
             str(pre), job.calibration, activation_type=activation, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Percentile if percentile else CalibrationMethod.MinMax,
             per_channel=True, weight_symmetric=True, init_overrides=overrides, nodes_to_exclude=masked,
             calibration_providers=["CPUExecutionProvider"])
         config.use_external_data_format = large
+        if percentile:
+            config.extra_options["CalibPercentile"] = A8_PERCENTILE
         # standard opset-21 QuantizeLinear/DequantizeLinear (16-bit capable), not com.microsoft contrib ops: other
         # tools (onnx shape inference, converters) understand them
         config.extra_options["UseQDQContribOps"] = False
@@ -209,10 +213,11 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         quantize(str(pre), str(out), config)
     forms = apply_htp_forms_file(out)  # 5. numerics-preserving rewrites into forms the QNN HTP runs correctly
     qdq = onnx.load(str(out), load_external_data=False)
-    return QuantizedGraph(out, None, {
+    details = {
         "float_masked_softmax_nodes": masked, "time_features_bits": TIME_FEATURES_BITS if sixteen_bit else None,
         "per_channel_linear_weights": len(linear_weights), "uint8_layernorm_gammas": len(layernorm_gammas),
         "htp_forms": forms,
         "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qdq.graph.node),
         "opset": max(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx")),
-    })
+    }
+    return QuantizedGraph(out, None, details)

@@ -12,8 +12,8 @@ import pytest
 from cw_export.calibrate.collect import collect, settings_for
 from cw_export.parity.measure import graph_sqnr
 from cw_export.quantize import GraphJob, get_backend
-from cw_export.quantize.mixed import (SIXTEEN_BIT, activation_quantizers, group_of, group_tensors, merge_activations,
-                                      merge_encodings, sixteen_bit_tensors, sweep)
+from cw_export.quantize.mixed import (SIXTEEN_BIT, activation_quantizers, group_of, group_tensors, mac_groups,
+                                      mac_inputs, merge_activations, merge_encodings, sixteen_bit_tensors, sweep)
 from cw_export.recipe import load_recipe
 from cw_export.contract.manifest import read_manifest
 from cw_export.runtime.sessions import create_session, session_config
@@ -107,6 +107,31 @@ def test_sweep_keeps_the_largest_prefix_of_least_harmful_groups(ort_pair):
     assert {types[t] for g in names[:3] for t in groups[g]} == {onnx.TensorProto.UINT8}
     assert all(types[t] in SIXTEEN_BIT for g in names[3:] for t in groups[g])
     assert not ort_pair[0].file.with_name(ort_pair[0].file.stem + ".trial.onnx").exists()
+
+
+def test_mac_groups_move_exactly_the_mac_inputs(ort_pair, tmp_path):
+    """At MAC granularity every group is the activation inputs of Conv/MatMul/Gemm nodes: all groups at 8 bits make
+    100% of the graph's MACs 8-bit by the bundle's own count (bundle.flops), while every tensor that feeds no MAC
+    stays at 16 bits; a tensor feeding several MACs (the text embedding of every cross-attention) is in one group."""
+    from cw_export.bundle.flops import count_onnx
+
+    a16, a8 = (onnx.load(str(r.file)) for r in ort_pair)
+    tensors = sixteen_bit_tensors(a16)
+    groups = mac_groups(a16, tensors)
+    feeding = {t for inputs in mac_inputs(a16).values() for t in inputs}
+    members = [t for g in groups.values() for t in g]
+    assert len(members) == len(set(members)) and set(members) >= feeding & set(tensors)
+    assert all(feeding & set(g) for g in groups.values())  # every group holds a MAC input
+    assert sum("encoder_hidden_states" == t for t in members) == 1
+    assert all(name in mac_inputs(a16) for name in groups)  # named by a MAC node
+    merged = merge_activations(a16, a8, members)
+    path = tmp_path / "all_macs_a8.onnx"
+    onnx.save_model(merged, str(path))
+    cost = count_onnx(path)
+    assert cost.a8_mac_share == 1.0
+    types = zero_point_types(merged)
+    left = [t for t in tensors if t not in members]
+    assert left and all(types[t] in SIXTEEN_BIT for t in left)
 
 
 def test_sweep_returns_nothing_when_no_group_fits(ort_pair):
