@@ -19,6 +19,7 @@ from ..runtime import schedulers
 from ..runtime.sessions import session_config
 from ..split import time_features_spec
 from .handoff import write_handoff
+from .opsets import record_graph_opsets
 from .report import write_report
 
 
@@ -83,6 +84,7 @@ def base_manifest(model: SDModel, recipe: Recipe, results: dict[str, ExportResul
 def write_bundle(folder: Path, manifest: dict) -> None:
     """The bundle's last files: report.html and README.md (both listed in the file table, so written first), then
     the file table and manifest.json in its canonical bytes."""
+    record_graph_opsets(folder, manifest)  # each graph's opset as written, not the recipe's export opset
     write_report(folder, manifest)
     write_handoff(folder, manifest)
     manifest["files"] = list_files(folder)

@@ -140,6 +140,8 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
     """
     import onnx
 
+    from ..onnx_index import refresh_value_info
+
     base = onnx.load(str(base_file), load_external_data=False)  # external weights stay where they are
     donor = onnx.load(str(donor_file), load_external_data=False)
     donor_tensors = set(activation_quantizers(donor))
@@ -171,5 +173,6 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
     result.a8_groups = order[:best]
     result.a8_tensors = [t for g in result.a8_groups for t in groups[g]]
     mixed_file = base_file.with_name(base_file.stem + ".mixed.onnx")
-    onnx.save_model(merge_activations(base, donor, result.a8_tensors), str(mixed_file))
+    # the 8-bit zero points change the types of the tensors they quantize: value_info inferred anew
+    onnx.save_model(refresh_value_info(merge_activations(base, donor, result.a8_tensors)), str(mixed_file))
     return result, mixed_file
