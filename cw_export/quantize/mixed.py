@@ -90,6 +90,8 @@ def merge_activations(base, donor, tensors: list[str]):
     """A copy of ``base`` (16-bit QDQ ModelProto) whose ``tensors`` use ``donor``'s (8-bit) quantization parameters."""
     import onnx
 
+    from ..onnx_index import refresh_value_info
+
     merged = onnx.ModelProto()
     merged.CopyFrom(base)
     base_q = activation_quantizers(merged)
@@ -100,7 +102,8 @@ def merge_activations(base, donor, tensors: list[str]):
         for target, source in zip(base_q[tensor], donor_q[tensor]):
             inits[target].CopyFrom(donor_inits[source])
             inits[target].name = target
-    return merged
+    # the 8-bit zero points change the types of the tensors they quantize (uint16 -> uint8): value_info anew
+    return refresh_value_info(merged)
 
 
 def merge_encodings(base: dict, donor: dict, tensors: list[str]) -> dict:
@@ -140,8 +143,6 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
     """
     import onnx
 
-    from ..onnx_index import refresh_value_info
-
     base = onnx.load(str(base_file), load_external_data=False)  # external weights stay where they are
     donor = onnx.load(str(donor_file), load_external_data=False)
     donor_tensors = set(activation_quantizers(donor))
@@ -173,6 +174,5 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
     result.a8_groups = order[:best]
     result.a8_tensors = [t for g in result.a8_groups for t in groups[g]]
     mixed_file = base_file.with_name(base_file.stem + ".mixed.onnx")
-    # the 8-bit zero points change the types of the tensors they quantize: value_info inferred anew
-    onnx.save_model(refresh_value_info(merge_activations(base, donor, result.a8_tensors)), str(mixed_file))
+    onnx.save_model(merge_activations(base, donor, result.a8_tensors), str(mixed_file))
     return result, mixed_file

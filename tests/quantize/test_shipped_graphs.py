@@ -24,10 +24,18 @@ from cw_export.validate.lint import _Graph, opset_versions_check, qdq_pair_check
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory, quant):
+def shipped(tmp_path_factory):
+    """snapdragon-w8a16 (ort) on tiny-random with the quantize tests' small budgets (conftest.small_recipe)."""
+    from cw_export.build import BuildOptions, build_bundle
+    from cw_export.recipe import load_recipe
+
+    recipe = (load_recipe("snapdragon-w8a16").with_quantization(backend="ort", calibration_prompts=2,
+                                                                calibration_samples=8)
+              .with_parity(heldout_prompts=1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bundle = quant.build(quant.small_recipe("snapdragon-w8a16"), tmp_path_factory.mktemp("shipped") / "bundle")
+        bundle = build_bundle(recipe, BuildOptions(model="tiny-random", out=tmp_path_factory.mktemp("shipped") / "b",
+                                                   progress=False))
     manifest = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))
     return Path(bundle), manifest, [w for w in caught if issubclass(w.category, RuntimeWarning)]
 
