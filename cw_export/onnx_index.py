@@ -18,3 +18,23 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     return readers
+
+
+def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (in place) with its ``value_info`` inferred anew from the graph as it is now, strictly.
+
+    Rewrites after quantization (the HTP forms' 3-D SiLU views, the mixed-precision merge of 8-bit quantization
+    parameters into a 16-bit graph) leave the value_info of the tensors they touch describing the old graph: a 4-D
+    shape on a now 3-D tensor, uint16 on a now uint8 one. onnxruntime then prints "Error merging shape info" for every
+    graph (onnxruntime-node does) and onnx's strict shape inference and ``check_model(full_check=True)`` reject it.
+    Inference runs on the structure only (initializer dims; external weights are not read); ``strict_mode`` raises
+    instead of saving a graph whose annotations onnx cannot derive."""
+    del model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The default-domain ("" / "ai.onnx") opset a model imports, or None."""
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)

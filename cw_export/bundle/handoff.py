@@ -351,7 +351,8 @@ def _graphs_section(bundle: Path, manifest: dict) -> str:
                                      if name in wiring["steps"].get(k, [])))
         lines = [f"### `{name}` — `{graph['file']}`", "",
                  f"Runs {runs}. Precision **{precision}**"
-                 + (f" (external weights: `{graph['file']}.data`)" if graph.get("external_data") else "") + "."]
+                 + (f" (external weights: `{graph['file']}.data`)" if graph.get("external_data") else "")
+                 + (f"; ONNX opset {graph['opset']}" if graph.get("opset") is not None else "") + "."]
         if quant.get("backend"):
             lines.append(f"Quantized by `{quant['backend']}`: weights {quant.get('weight_bits')}-bit "
                          f"{quant.get('weights', '')}, activations {quant.get('activation_bits')}-bit "
@@ -405,6 +406,18 @@ def _a8_share(bundle: Path, manifest: dict) -> str:
     return f"8-bit activations: {a8_share_text(report)} (`cw-export inspect BUNDLE` prints the same count). "
 
 
+# Measured on onnxruntime 1.32 + onnxruntime-qnn 2.7.0 (emulated HTP): tests/quantize/test_shipped_graphs.py places
+# every quantized graph of a W8A16 bundle under basic, extended and all
+OPTIMISATION_LEVELS_PARAGRAPH = (
+    "**Optimisation level and the NPU.** With CPU fallback disabled, whether a quantized graph places on the QNN "
+    "HTP does not depend on onnxruntime's graph optimisation level: your runtime's default (`ORT_ENABLE_ALL`) "
+    "places exactly what `ORT_ENABLE_BASIC` places. onnxruntime applies only its basic rewrites before the QNN "
+    "execution provider claims the nodes; its extended and layout fusions (QLinearConv, QDQ propagation, NCHWc) "
+    "then rewrite only nodes the CPU execution provider holds, and with fallback disabled it holds none. On the CPU "
+    "execution provider the level does matter: those fusions change QDQ numerics, so create CPU sessions with "
+    "the manifest's `session_options` (section 'Parity', which was measured under them).")
+
+
 def _npu_section(bundle: Path, manifest: dict) -> str:
     contexts = manifest.get("context_binaries") or {}
     quantized = sorted(n for n, g in manifest["graphs"].items() if g.get("precision", "fp32") != "fp32")
@@ -412,7 +425,7 @@ def _npu_section(bundle: Path, manifest: dict) -> str:
     intro = (f"FP32 graphs ({', '.join(f'`{n}`' for n in fp32)}) run on the CPU/GPU with any onnxruntime build. "
              if fp32 else "")
     if quantized:
-        intro += _a8_share(bundle, manifest)
+        intro = OPTIMISATION_LEVELS_PARAGRAPH + "\n\n" + intro + _a8_share(bundle, manifest)
     if not contexts:
         how = ("This bundle has no QNN context binaries. " if quantized else
                "This bundle is FP32: it has no graph for the NPU. ")

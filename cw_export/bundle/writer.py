@@ -9,7 +9,7 @@ that turns them into the manifest's JSON object, and stages read that view, neve
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -107,10 +107,23 @@ def base_records(model: SDModel, recipe: Recipe, results: dict[str, ExportResult
     return BuildRecords(fixed, graphs, {"kind": b.adaptor})
 
 
+def with_file_opsets(folder: Path, records: BuildRecords) -> BuildRecords:
+    """``records`` with each graph's opset read from the file as written (the recipe's export opset is what the FP32
+    exporter was asked for; the quantizers raise graphs to 21 for 16-bit Q/DQ), which validate's lint checks."""
+    import onnx
+
+    from ..onnx_index import default_opset
+
+    for name, entry in records.graphs.items():
+        opset = default_opset(onnx.load(str(folder / entry.file), load_external_data=False))
+        records.graphs[name] = replace(entry, opset=opset)
+    return records
+
+
 def write_bundle(folder: Path, records: BuildRecords) -> None:
     """The bundle's last files: report.html and README.md (both listed in the file table, so written first), then
     the file table and manifest.json in its canonical bytes."""
-    manifest = records.manifest()
+    manifest = with_file_opsets(folder, records).manifest()
     write_report(folder, manifest)
     write_handoff(folder, manifest)
     manifest["files"] = list_files(folder)

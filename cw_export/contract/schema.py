@@ -92,6 +92,7 @@ class GraphEntry:
     external_data: bool = False
     simplified: bool | None = None  # export facts: onnxsim applied, parity of the FP32 export vs torch
     parity_fp32_vs_torch: dict | None = None
+    opset: int | None = None  # the default-domain opset of the file as written (absent in older bundles)
 
     def input(self, name: str) -> TensorSpec:
         return next(s for s in self.inputs if s.name == name)
@@ -110,6 +111,8 @@ class GraphEntry:
                 "outputs": [s.to_dict() for s in self.outputs], "precision": self.precision,
                 "simplified": self.simplified, "external_data": self.external_data,
                 "parity_fp32_vs_torch": self.parity_fp32_vs_torch}
+        if self.opset is not None:
+            data["opset"] = self.opset
         if self.quantization is not None:
             data["quantization"] = self.quantization.to_dict()
         return data
@@ -282,7 +285,8 @@ def _graph(r: _Reader, name: str, value) -> GraphEntry:
     return GraphEntry(name, r.inside(r.key(data, "file", path), f"{path}.file"), specs["inputs"], specs["outputs"],
                       r.text(data.get("precision", "fp32"), f"{path}.precision"),
                       _quantization(r, data.get("quantization"), f"{path}.quantization"),
-                      data.get("external_data") is True, data.get("simplified"), data.get("parity_fp32_vs_torch"))
+                      data.get("external_data") is True, data.get("simplified"), data.get("parity_fp32_vs_torch"),
+                      None if data.get("opset") is None else r.integer(data["opset"], f"{path}.opset", 1, 1000))
 
 
 def _wiring(r: _Reader, value, graphs: dict[str, GraphEntry]) -> Wiring:

@@ -26,6 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from ..onnx_index import default_opset
 from . import TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
 from .fold import fold_weight_quantizers_file
 from .qnn.htp_forms import apply_htp_forms_file
@@ -192,6 +193,7 @@ def _time_features_quantizer(sim_model) -> str | None:
 def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     import aimet_torch
     import aimet_torch.onnx as aimet_onnx
+    import onnx
     import torch
     from aimet_torch.quantsim import QuantizationSimModel
 
@@ -240,6 +242,6 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         "quantized_modules": quantized_modules, "time_features_quantizer": time_layer,
         "weights_stored_quantized": folded, "htp_forms": forms,
         "time_features_bits": TIME_FEATURES_BITS if time_layer else None, "encodings_graph": f"encodings/{job.name}.onnx",
-        "opset": opset,
+        "opset": default_opset(onnx.load(str(qdq), load_external_data=False)),  # as written, not as asked
         "float_functional_ops": "residual adds, concats, attention scale, gelu, interpolate (not modules in diffusers)",
     })

@@ -149,6 +149,8 @@ def merge_activations(base, donor, tensors: list[str]):
     """A copy of ``base`` (16-bit QDQ ModelProto) whose ``tensors`` use ``donor``'s (8-bit) quantization parameters."""
     import onnx
 
+    from ..onnx_index import refresh_value_info
+
     merged = onnx.ModelProto()
     merged.CopyFrom(base)
     base_q = activation_quantizers(merged)
@@ -159,7 +161,8 @@ def merge_activations(base, donor, tensors: list[str]):
         for target, source in zip(base_q[tensor], donor_q[tensor]):
             inits[target].CopyFrom(donor_inits[source])
             inits[target].name = target
-    return merged
+    # the 8-bit zero points change the types of the tensors they quantize (uint16 -> uint8): value_info anew
+    return refresh_value_info(merged)
 
 
 def merge_encodings(base: dict, donor: dict, tensors: list[str]) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..onnx_index import default_opset
 from . import A8_PERCENTILE, TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
 from .qnn.htp_forms import apply_htp_forms_file
 
@@ -69,6 +70,26 @@ def masked_softmax_path(model, base_dir: str = "") -> list[str]:
             found.append(node.name)
             found += [c.name for out in node.output for c in readers.get(out, []) if c.op_type == "Softmax"]
     return found
+
+
+def float_only_tensors(model, float_nodes: list[str]) -> list[str]:
+    """Tensors that ``float_nodes`` produce and only ``float_nodes`` read: no QuantizeLinear is ever placed on them.
+
+    onnxruntime's quantizer still computes scale and zero point for every tensor calibration saw, read or not:
+    CLIP's masked scores (``Add`` of the -inf causal mask) have min-max range [-inf, x], which gives scale inf, zero
+    point NaN and two numpy RuntimeWarnings on the build's stderr (quant_utils.compute_scale_zp). These tensors get
+    a fixed placeholder range (``FLOAT_ONLY_RANGE``) instead; it is never used, as no node quantizes them (the
+    shipped graphs are checked for that, tests/quantize/test_qdq_params.py)."""
+    from ..onnx_index import consumers
+
+    excluded = set(float_nodes)
+    readers = consumers(model.graph)
+    outputs = {o for node in model.graph.node if node.name in excluded for o in node.output}
+    return sorted(name for name in outputs
+                  if readers.get(name) and all(r.name in excluded for r in readers[name]))
+
+
+FLOAT_ONLY_RANGE = (0.0, 1.0)  # placeholder calibration range of a tensor that stays float (float_only_tensors)
 
 
 def constants_to_initializers(model) -> int:
@@ -195,6 +216,9 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         layernorm_gammas = _layernorm_gamma_overrides(model)
         overrides.update(linear_weights)
         overrides.update(layernorm_gammas)
+        float_only = float_only_tensors(model, masked)
+        overrides.update({name: [{"rmin": np.array(FLOAT_ONLY_RANGE[0], np.float32),
+                                  "rmax": np.array(FLOAT_ONLY_RANGE[1], np.float32)}] for name in float_only})
         # 3. QNN configuration
         job.calibration.rewind()
         percentile = job.activation_bits == 8 and settings.a8_range == "percentile"
@@ -213,11 +237,11 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         quantize(str(pre), str(out), config)
     forms = apply_htp_forms_file(out)  # 5. numerics-preserving rewrites into forms the QNN HTP runs correctly
     qdq = onnx.load(str(out), load_external_data=False)
-    details = {
-        "float_masked_softmax_nodes": masked, "time_features_bits": TIME_FEATURES_BITS if sixteen_bit else None,
+    return QuantizedGraph(out, None, {
+        "float_masked_softmax_nodes": masked, "float_only_tensors": float_only,
+        "time_features_bits": TIME_FEATURES_BITS if sixteen_bit else None,
         "per_channel_linear_weights": len(linear_weights), "uint8_layernorm_gammas": len(layernorm_gammas),
         "htp_forms": forms,
         "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qdq.graph.node),
-        "opset": max(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx")),
-    }
-    return QuantizedGraph(out, None, details)
+        "opset": default_opset(qdq),
+    })

@@ -3,7 +3,8 @@
   <graph> encodings vs QDQ    the QDQ graph quantizes exactly the tensors the encodings name, with the same
                               scale/offset/bit width (AIMET: real = (q + offset) * scale; ONNX: zero_point = -offset)
   <graph> QDQ pairs           each QuantizeLinear feeds only DequantizeLinear nodes with the same scale/zero point;
-                              zero-point dtypes have the manifest's bit widths (weights, activations; int32 biases)
+                              zero-point dtypes have the manifest's bit widths (weights, activations; int32 biases);
+                              every Q/DQ scale is finite and positive
   opset + versions            each graph's opset is the one the manifest records; library/tool versions recorded
   context binaries            each QNN EPContext model points to the .bin beside it (embed_mode 0), same I/O
 """
@@ -189,7 +190,7 @@ def _static_role(graph: _Graph, dq) -> str:
 def qdq_pair_check(name: str, graph: _Graph, quant: dict) -> Check:
     """Each QuantizeLinear feeds only DequantizeLinear nodes with its scale, zero point and axis; zero-point dtypes
     carry the manifest's bit widths: weights weight_bits; activations activation_bits (plus the 16-bit time
-    features); other constants either; biases int32."""
+    features); other constants either; biases int32; every Q/DQ scale is finite and positive."""
     import numpy as np
 
     details = quant.get("details") or {}
@@ -233,6 +234,13 @@ def qdq_pair_check(name: str, graph: _Graph, quant: dict) -> Check:
             if node.op_type == "DequantizeLinear" and node.input[0] in graph.inits:
                 stored = graph.value(node.input[0]).dtype.itemsize * 8
                 zero_point_bits(node, "bias" if stored == BIAS_BITS else _static_role(graph, node))
+        for node in graph.model.graph.node:  # a tensor calibrated to [-inf, x] gets scale inf (zero point NaN)
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 1 \
+                    and node.input[1] in graph.inits:
+                scale = graph.value(node.input[1])
+                if not (np.isfinite(scale).all() and (scale > 0).all()):
+                    problems.append(f"{node.op_type} {node.name or node.output[0]}: scale "
+                                    f"{scale.reshape(-1)[:2].tolist()} is not finite and positive")
     except Exception as exc:  # boundary: an unreadable initializer is a finding, not a crash
         problems.append(_one_line(exc))
     zero_points = ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items()))
@@ -321,27 +329,37 @@ def encodings_qdq_check(bundle: Path, name: str, graph: _Graph, quant: dict) -> 
 
 
 def opset_versions_check(bundle: Path, manifest: dict, skip: set[str] = frozenset()) -> Check:
-    """Each graph's default-domain opset equals the manifest's record (quantized: the backend's ``details.opset``;
-    FP32: the recipe's export opset), and the versions the bundle was made with are recorded. Graphs in ``skip``
-    (unreadable: their ONNX check already failed) are left out."""
+    """Each graph's default-domain opset equals every record of it in the manifest: the graph's own ``opset``
+    (``bundle.writer.with_file_opsets``) and, quantized, the backend's ``details.opset``; a bundle from before graphs recorded
+    their opset is checked against ``details.opset`` (quantized) or the recipe's export opset (FP32). The versions
+    the bundle was made with are recorded. Graphs in ``skip`` (unreadable: their ONNX check already failed) are
+    left out."""
+    from ..onnx_index import default_opset
+
     problems, opsets = [], {}
     for name, graph in sorted(manifest["graphs"].items()):
         if name in skip:
             continue
         quant = graph.get("quantization") or {}
-        recorded = ((quant.get("details") or {}).get("opset") if quant.get("backend")
-                    else (manifest.get("recipe", {}).get("export") or {}).get("opset"))
+        records = {"graphs.opset": graph.get("opset")}
+        if quant.get("backend"):
+            records["details.opset"] = (quant.get("details") or {}).get("opset")
+        elif "opset" not in graph:  # older bundles: FP32 graphs recorded no opset of their own
+            records["recipe.export.opset"] = (manifest.get("recipe", {}).get("export") or {}).get("opset")
+        if "opset" not in graph and len(records) > 1:
+            del records["graphs.opset"]
         try:
-            model = _Graph(bundle, graph["file"]).model
-            actual = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+            actual = default_opset(_Graph(bundle, graph["file"]).model)
         except Exception as exc:  # boundary
             problems.append(f"{name}: {_one_line(exc, bundle)}")
             continue
         opsets[name] = actual
-        if recorded is None:
-            problems.append(f"{name}: the manifest records no opset")
-        elif actual != recorded:
-            problems.append(f"{name}: opset {actual} in the ONNX graph, {recorded} in the manifest")
+        if any(value is None for value in records.values()):
+            problems.append(f"{name}: the manifest records no opset "
+                            f"({', '.join(k for k, v in records.items() if v is None)})")
+        for where, recorded in records.items():
+            if recorded is not None and actual != recorded:
+                problems.append(f"{name}: opset {actual} in the ONNX graph, {recorded} in the manifest ({where})")
         if quant.get("backend") == "aimet" and not (quant.get("details") or {}).get("aimet_torch"):
             problems.append(f"{name}: aimet_torch version not recorded")
     versions = manifest.get("versions") or {}

@@ -131,13 +131,16 @@ def reshape_quantized_silus(model: onnx.ModelProto) -> int:
 
 
 def apply_htp_forms_file(path) -> dict:
-    """Both rewrites on the QDQ graph at ``path`` (in place); returns what changed, for the graph's details."""
+    """Both rewrites on the QDQ graph at ``path`` (in place), then its value_info inferred anew (the quantizer's and
+    the rewrites' annotations describe graphs that no longer exist: ``onnx_index.refresh_value_info``); returns
+    what changed, for the graph's details."""
     from pathlib import Path
+
+    from ...onnx_index import refresh_value_info
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     counts = {"per_tensor_layernorm_betas": per_tensor_layernorm_betas(model, str(path.parent)),
               "reshaped_silu_inputs": reshape_quantized_silus(model)}
-    if any(counts.values()):
-        onnx.save_model(model, str(path))
+    onnx.save_model(refresh_value_info(model), str(path))
     return counts
