@@ -50,6 +50,9 @@ class GraphJob:
     output_names: list[str]
     calibration: object  # cw_export.calibrate.collect.CalibrationData
     activation_bits: int
+    # a mixed graph (16-bit default): tensor -> (scale, zero point) of the 8-bit quantization it takes instead, as
+    # the a8 sweep chose it (cw_export.quantize.mixed); the backend places the conversions the NPU needs
+    a8_tensors: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -161,8 +161,51 @@ def merge_activations(base, donor, tensors: list[str]):
         for target, source in zip(base_q[tensor], donor_q[tensor]):
             inits[target].CopyFrom(donor_inits[source])
             inits[target].name = target
+    for name in bias_quantizers(merged, tensors):  # each bias follows its input's scale (in x weight scale)
+        if name not in donor_inits:
+            raise RuntimeError(f"mixed precision: the 8-bit graph has no bias initializer {name}")
+        inits[name].CopyFrom(donor_inits[name])
     # the 8-bit zero points change the types of the tensors they quantize (uint16 -> uint8): value_info anew
     return refresh_value_info(merged)
+
+
+BIAS_TYPE = 6  # onnx TensorProto INT32: a quantized bias (scale = input scale x weight scale)
+
+
+def bias_quantizers(model, tensors: list[str]) -> list[str]:
+    """Initializers (int32 values, scale, zero point) of the quantized biases of every node that reads one of
+    ``tensors`` through its QuantizeLinear -> DequantizeLinear. A quantized bias's scale is its node's input scale
+    times its weight scale: when the input moves to the 8-bit graph's scale, the bias must move with it (the 8-bit
+    graph's bias of the same node, same weights). Left at the 16-bit graph's, the CPU EP still computes the right
+    float bias, but the QNN HTP refuses the node (error 3110: the bias DequantizeLinear, then its Conv /
+    InstanceNormalization / Gemm, fall to the CPU; measured on the built-in model's mixed low_res and adaptor)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+    moved_q = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in set(tensors)}
+    moved_dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in moved_q}
+    found: list[str] = []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" or not moved_dq.intersection(node.input):
+            continue
+        for name in node.input:
+            dq = produced_by.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits \
+                    or inits[dq.input[0]].data_type != BIAS_TYPE:
+                continue
+            found.extend(n for n in dq.input if n and n not in found)
+    return found
+
+
+def a8_parameters(donor_file: Path, tensors: list[str]) -> dict:
+    """tensor -> (scale, zero point) arrays of ``tensors`` in the 8-bit graph at ``donor_file``: the quantization a
+    backend gives them when it builds the mixed graph itself (``GraphJob.a8_tensors``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    donor = onnx.load(str(donor_file), load_external_data=False)
+    inits = {i.name: i for i in donor.graph.initializer}
+    quantizers = activation_quantizers(donor)
+    return {t: tuple(numpy_helper.to_array(inits[name]) for name in quantizers[t]) for t in tensors}
 
 
 def merge_encodings(base: dict, donor: dict, tensors: list[str]) -> dict:
@@ -185,12 +228,14 @@ class LayerSweep:
     a8_tensors: list[str] = field(default_factory=list)
     numbers: dict = field(default_factory=dict)  # the chosen mixed graph's SQNR numbers
     evaluations: int = 0
+    refused: dict = field(default_factory=dict)  # why a merged choice did not ship (its converted graph's numbers)
 
     def as_dict(self) -> dict:
         ranked = sorted(self.margin_db.items(), key=lambda kv: kv[1])
         return {"granularity": self.depth, "groups": len(self.margin_db), "a8_groups": self.a8_groups,
                 "a8_tensors": len(self.a8_tensors), "mixed": self.numbers, "evaluations": self.evaluations,
-                "most_sensitive": [{"group": g, "a8_only_margin_db": round(m, 2)} for g, m in ranked[:8]]}
+                "most_sensitive": [{"group": g, "a8_only_margin_db": round(m, 2)} for g, m in ranked[:8]],
+                **({"refused": self.refused} if self.refused else {})}
 
 
 def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float, dict]],

@@ -158,6 +158,7 @@ def graph_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
+MIXES = True  # builds mixed 8/16-bit graphs itself (GraphJob.a8_tensors), with the conversions the QNN HTP needs
 QDQ_OPSET = 21  # 16-bit QuantizeLinear/DequantizeLinear (time_features are 16-bit even in an 8-bit graph)
 
 
@@ -217,6 +218,9 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         overrides.update(linear_weights)
         overrides.update(layernorm_gammas)
         float_only = float_only_tensors(model, masked)
+        for name, (scale, zero_point) in job.a8_tensors.items():  # mixed: onnxruntime adds the conversions
+            overrides[name] = [{"quant_type": QuantType.QUInt8, "scale": np.asarray(scale, np.float32),
+                                "zero_point": np.asarray(zero_point, np.uint8)}]
         overrides.update({name: [{"rmin": np.array(FLOAT_ONLY_RANGE[0], np.float32),
                                   "rmax": np.array(FLOAT_ONLY_RANGE[1], np.float32)}] for name in float_only})
         # 3. QNN configuration

@@ -21,6 +21,7 @@ from . import FP32_REASONS, GraphJob, get_backend, graphs_to_quantize, planned_b
 from .fallback import A16Fallback, hold_a16, move_graph
 
 SWEEP_SAMPLES = 8  # calibration samples the a8 sensitivity sweep measures each candidate on
+SWEEP_UNITS = {"block": "block", "layer": "layer", "mac": "MAC group"}  # what the reason calls a sweep group
 
 
 @dataclass
@@ -58,10 +59,11 @@ def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graph
         for name in progress_bar(names, enabled=progress, desc="quantize", unit="graph"):
             graph = graphs[name]
 
-            def run(bits: int):
+            def run(bits: int, a8_tensors: dict | None = None):
                 job = GraphJob(name, fp32 / f"{name}.onnx", graph.module, graph.input_names, graph.output_names,
-                               calibration.graphs[name], bits)
-                return backend.quantize_graph(job, q, work / f"a{bits}" / "graphs")
+                               calibration.graphs[name], bits, a8_tensors or {})
+                folder = "mixed" if a8_tensors else f"a{bits}"
+                return backend.quantize_graph(job, q, work / folder / "graphs")
 
             bits = planned_bits(q, name)
             reason = (f"a{bits}: recipe activation_bits" if name in q.activation_bits
@@ -85,17 +87,22 @@ def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graph
                     if q.a8_layer_sweep != "off":
                         result = run(16)
                         held = hold_a16(result, name, fallback_dir) if fallback_dir is not None else None
-                        layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q)
+                        mix = (lambda a8_tensors: run(16, a8_tensors)) if getattr(backend, "MIXES", False) else None
+                        layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q, mix)
                         sweep["layers"] = layers.as_dict()
                         if layers.a8_groups:
                             bits = "8+16"
                             if held is not None:
                                 fallbacks[name] = held
+                            unit = SWEEP_UNITS[q.a8_layer_sweep]
                             reason = (f"a8 in {len(layers.a8_groups)} of {len(layers.margin_db)} "
-                                      f"{q.a8_layer_sweep}s, a16 elsewhere: the per-{q.a8_layer_sweep} sweep keeps "
+                                      f"{unit}s, a16 elsewhere: the per-{unit} sweep keeps "
                                       f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})")
+                        elif layers.refused:
+                            reason += (f"; the sweep's mix, converted for the NPU, gave "
+                                       f"{_describe(layers.refused['converted_mix'])}")
                         else:
-                            reason += f"; no {q.a8_layer_sweep} keeps the floors at 8 bits on its own"
+                            reason += f"; no {SWEEP_UNITS[q.a8_layer_sweep]} keeps the floors at 8 bits on its own"
             if result is None:
                 result = run(bits)
             external = move_graph(result.file, bundle / "graphs", name)
@@ -138,18 +145,36 @@ def _describe(numbers: dict) -> str:
     return text
 
 
-def _layer_sweep(a16, a8, graph, data, config: dict, q):
-    """Per-layer mixed precision (cw_export.quantize.mixed); rewrites ``a16`` in place into the mixed graph and
-    its encodings when some layers can go to 8 bits."""
+def _layer_sweep(a16, a8, graph, data, config: dict, q, mix=None):
+    """Per-layer mixed precision (cw_export.quantize.mixed); rewrites ``a16`` in place into the mixed graph (and
+    its encodings) when some layers can go to 8 bits.
+
+    The sweep scores candidates by merging the 8-bit graph's quantization parameters into the 16-bit one (no new
+    calibration per candidate). Such a merged graph is right on the CPU EP but not a valid NPU graph: an op whose
+    input and output differ in bit width needs a conversion between them (measured: the QNN HTP refuses the merged
+    low_res and adaptor of the built-in model). ``mix(a8_tensors)``, where the backend offers it (ort: onnxruntime's
+    mixed-precision overrides add the conversions), quantizes the chosen mix anew with the same 8-bit parameters;
+    that graph is scored again and ships only if it still keeps the floors."""
     import json
 
-    from .mixed import merge_encodings, sweep
+    from .mixed import a8_parameters, merge_encodings, sweep
 
     def score(path: Path) -> tuple[float, dict]:
         numbers = _a8_score(path, graph, data, config)
         return a8_margin(numbers, q), numbers
 
     layers, mixed_file = sweep(a16.file, a8.file, score, depth=q.a8_layer_sweep)
+    if mixed_file is not None and mix is not None:
+        mixed = mix(a8_parameters(a8.file, layers.a8_tensors))
+        margin, numbers = score(mixed.file)
+        mixed_file.unlink()
+        if margin < 0:  # the converted graph misses what the merged one kept: no 8-bit layers
+            layers.refused = {"converted_mix": numbers}
+            layers.a8_groups, layers.a8_tensors = [], []
+            return layers
+        layers.numbers = numbers
+        mixed_file = mixed.file
+        a16.details = mixed.details
     if mixed_file is not None:
         mixed_file.replace(a16.file)
         if a16.encodings is not None and a8.encodings is not None:
@@ -158,5 +183,3 @@ def _layer_sweep(a16, a8, graph, data, config: dict, q):
             merged = merge_encodings(base, donor, layers.a8_tensors)
             a16.encodings.write_text(json.dumps(merged, indent=1), encoding="utf-8")
     return layers
-
-
