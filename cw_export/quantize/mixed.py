@@ -7,9 +7,9 @@ from the 8-bit graph (onnxruntime and QNN requantize between a 16-bit and an 8-b
 
 The sweep works on layer groups, not single tensors: a group is the module path of a tensor (``/down_blocks.0/
 resnets.0/conv1/Conv_output_0`` -> ``down_blocks.0/resnets.0/conv1`` at layer depth, ``down_blocks.0/resnets.0`` at
-block depth), or at MAC depth the activation inputs of one Conv / MatMul (``mac_groups``: only MAC inputs move to 8
-bits, everything between them stays at 16), so its cost is one session per group and the manifest can say which
-layers run at 8 bits.
+block depth), or at MAC depth one Conv / MatMul / Gemm node run at 8 bits with conversions around it
+(``convert_macs``: everything between the MACs stays at 16 bits, the form the QNN HTP runs), so its cost is one
+session per group and the manifest can say which layers run at 8 bits.
 
   1. sensitivity: for each group, SQNR of the 16-bit graph with only that group at 8 bits
   2. order the groups from least to most harmful; the largest prefix whose merged graph keeps the SQNR floor wins
@@ -122,27 +122,95 @@ def mac_inputs(model) -> dict[str, list[str]]:
     return found
 
 
-def mac_groups(model, tensors: list[str]) -> dict[str, list[str]]:
-    """Sweep groups at MAC granularity: the 16-bit activation inputs of each Conv / ConvTranspose / MatMul / Gemm.
-    Only MAC inputs are candidates (what the NPU's 8-bit speed-up and ``a8_mac_share`` are about): the tensors
-    between them (norm statistics, softmax logits, residual sums) stay at 16 bits, except a tensor that shares its
-    quantization parameters with a MAC input (it moves with it, so it is in its group). Inputs shared by several
-    MACs (a LayerNorm output feeding q, k and v; the text embedding feeding every cross-attention) form one group,
-    named by its first MAC in graph order."""
-    candidates = set(tensors)
-    feeds = {mac: [t for t in inputs if t in candidates] for mac, inputs in mac_inputs(model).items()}
-    feeds = {mac: inputs for mac, inputs in feeds.items() if inputs}
-    links = list(_shared_parameters(model, tensors))
-    links += [(inputs[0], t) for inputs in feeds.values() for t in inputs[1:]]
-    root = _components(tensors, links)
-    name_of_root: dict[str, str] = {}
-    for mac, inputs in feeds.items():  # graph order: the first MAC of a component names it
-        name_of_root.setdefault(root[inputs[0]], mac)
-    groups: dict[str, list[str]] = {}
-    for t in tensors:
-        if root[t] in name_of_root:
-            groups.setdefault(name_of_root[root[t]], []).append(t)
-    return groups
+def convertible_macs(base, donor) -> list[str]:
+    """The MAC nodes (``mac_inputs``) of ``base`` that can run at 8 bits inside it (``convert_macs``): every
+    activation input and the output pass through a 16-bit QuantizeLinear in ``base`` and have an 8-bit one in
+    ``donor`` (the time features stay 16-bit even in the 8-bit graph, so a MAC reading them is not convertible)."""
+    base_q, donor_q = activation_quantizers(base), activation_quantizers(donor)
+    base_inits = {i.name: i for i in base.graph.initializer}
+    donor_inits = {i.name: i for i in donor.graph.initializer}
+    nodes = {node.name: node for node in base.graph.node}
+    out = []
+    for mac, inputs in mac_inputs(base).items():
+        node = nodes.get(mac)
+        tensors = [*inputs, node.output[0]] if node is not None else []
+        if tensors and all(t in base_q and t in donor_q and base_inits[base_q[t][1]].data_type in SIXTEEN_BIT
+                           and donor_inits[donor_q[t][1]].data_type in EIGHT_BIT for t in tensors):
+            out.append(mac)
+    return out
+
+
+def convert_macs(base, donor, macs: list[str]):
+    """A copy of ``base`` (16-bit QDQ) in which the MAC nodes ``macs`` run at 8 bits, as the QNN HTP runs mixed
+    precision: each activation input is converted 16 -> 8 bits in front of the node (DequantizeLinear16 ->
+    QuantizeLinear8 -> DequantizeLinear8, onnxruntime's QDQ form of a QNN Convert), its output is quantized at 8 bits
+    and converted back to 16 for its readers, and its bias is the 8-bit graph's (a quantized bias's scale is input
+    scale x weight scale). 8-bit scales and zero points are ``donor``'s (the 8-bit QDQ graph of the same FP32 graph;
+    weights are INT8 in both). Everything else stays at 16 bits, so the graph's numbers change only at these MACs."""
+    import onnx
+    from onnx import helper
+
+    from ..onnx_index import refresh_value_info
+
+    merged = onnx.ModelProto()
+    merged.CopyFrom(base)
+    chosen = set(macs)
+    donor_q = activation_quantizers(donor)
+    donor_inits = {i.name: i for i in donor.graph.initializer}
+    inits = {i.name: i for i in merged.graph.initializer}
+    produced_by = {out: node for node in merged.graph.node for out in node.output}
+    feeds = mac_inputs(merged)
+    params: dict[str, tuple[str, str]] = {}  # tensor -> its 8-bit (scale, zero point) initializers in ``merged``
+
+    def eight_bit(tensor: str) -> tuple[str, str]:
+        if tensor not in params:
+            names = (f"{tensor}_a8_scale", f"{tensor}_a8_zero_point")
+            for name, source in zip(names, donor_q[tensor]):
+                copy = onnx.TensorProto()
+                copy.CopyFrom(donor_inits[source])
+                copy.name = name
+                merged.graph.initializer.append(copy)
+            params[tensor] = names
+        return params[tensor]
+
+    converted: dict[str, str] = {}  # 16-bit DequantizeLinear output -> its 8-bit conversion
+    new_nodes = []
+    rewire: dict[str, str] = {}  # a MAC output's 16-bit QuantizeLinear reads its 8-bit DequantizeLinear instead
+    for node in merged.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in rewire:
+            node.input[0] = rewire[node.input[0]]
+        if node.name not in chosen:
+            new_nodes.append(node)
+            continue
+        for name in bias_quantizers(merged, list(feeds[node.name]), only={node.name}):
+            inits[name].CopyFrom(donor_inits[name])
+        tensors = iter(feeds[node.name])
+        for index, name in enumerate(node.input[:2]):
+            dq = produced_by.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
+                continue  # a weight
+            tensor = next(tensors)
+            if name not in converted:
+                scale, zero_point = eight_bit(tensor)
+                q8, dq8 = f"{name}_to_a8", f"{name}_a8"
+                new_nodes.append(helper.make_node("QuantizeLinear", [name, scale, zero_point], [q8],
+                                                  name=f"{q8}_QuantizeLinear"))
+                new_nodes.append(helper.make_node("DequantizeLinear", [q8, scale, zero_point], [dq8],
+                                                  name=f"{dq8}_DequantizeLinear"))
+                converted[name] = dq8
+            node.input[index] = converted[name]
+        new_nodes.append(node)
+        output = node.output[0]
+        scale, zero_point = eight_bit(output)
+        q8, dq8 = f"{output}_a8_QuantizeLinear_Output", f"{output}_a8"
+        new_nodes.append(helper.make_node("QuantizeLinear", [output, scale, zero_point], [q8],
+                                          name=f"{output}_a8_QuantizeLinear"))
+        new_nodes.append(helper.make_node("DequantizeLinear", [q8, scale, zero_point], [dq8],
+                                          name=f"{output}_a8_DequantizeLinear"))
+        rewire[output] = dq8
+    del merged.graph.node[:]
+    merged.graph.node.extend(new_nodes)
+    return refresh_value_info(merged)
 
 
 def merge_activations(base, donor, tensors: list[str]):
@@ -172,7 +240,7 @@ def merge_activations(base, donor, tensors: list[str]):
 BIAS_TYPE = 6  # onnx TensorProto INT32: a quantized bias (scale = input scale x weight scale)
 
 
-def bias_quantizers(model, tensors: list[str]) -> list[str]:
+def bias_quantizers(model, tensors: list[str], only: set[str] | None = None) -> list[str]:
     """Initializers (int32 values, scale, zero point) of the quantized biases of every node that reads one of
     ``tensors`` through its QuantizeLinear -> DequantizeLinear. A quantized bias's scale is its node's input scale
     times its weight scale: when the input moves to the 8-bit graph's scale, the bias must move with it (the 8-bit
@@ -185,7 +253,8 @@ def bias_quantizers(model, tensors: list[str]) -> list[str]:
     moved_dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in moved_q}
     found: list[str] = []
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" or not moved_dq.intersection(node.input):
+        if node.op_type == "DequantizeLinear" or not moved_dq.intersection(node.input) \
+                or (only is not None and node.name not in only):
             continue
         for name in node.input:
             dq = produced_by.get(name)
@@ -249,15 +318,23 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
 
     base = onnx.load(str(base_file), load_external_data=False)  # external weights stay where they are
     donor = onnx.load(str(donor_file), load_external_data=False)
-    donor_tensors = set(activation_quantizers(donor))
-    tensors = [t for t in sixteen_bit_tensors(base) if t in donor_tensors]
-    groups = mac_groups(base, tensors) if depth == "mac" else group_tensors(base, tensors, SWEEP_DEPTHS[depth])
+    if depth == "mac":  # a group is one MAC node, run at 8 bits with conversions around it
+        groups = {mac: [mac] for mac in convertible_macs(base, donor)}
+
+        def build(members: list[str]):
+            return convert_macs(base, donor, members)
+    else:  # a group is a set of tensors whose quantization parameters move to the 8-bit graph's
+        donor_tensors = set(activation_quantizers(donor))
+        tensors = [t for t in sixteen_bit_tensors(base) if t in donor_tensors]
+        groups = group_tensors(base, tensors, SWEEP_DEPTHS[depth])
+
+        def build(members: list[str]):
+            return merge_activations(base, donor, members)
     result = LayerSweep(depth=depth)
     trial_file = base_file.with_name(base_file.stem + ".trial.onnx")
 
     def evaluate(chosen: list[str]) -> tuple[float, dict]:
-        members = [t for g in chosen for t in groups[g]]
-        onnx.save_model(merge_activations(base, donor, members), str(trial_file))
+        onnx.save_model(build([t for g in chosen for t in groups[g]]), str(trial_file))
         result.evaluations += 1
         return score(trial_file)
 
@@ -276,7 +353,7 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
     if best == 0:
         return result, None
     result.a8_groups = order[:best]
-    result.a8_tensors = [t for g in result.a8_groups for t in groups[g]]
+    result.a8_tensors = [t for g in result.a8_groups for t in groups[g]]  # mac: the MAC nodes
     mixed_file = base_file.with_name(base_file.stem + ".mixed.onnx")
-    onnx.save_model(merge_activations(base, donor, result.a8_tensors), str(mixed_file))
+    onnx.save_model(build(result.a8_tensors), str(mixed_file))
     return result, mixed_file

@@ -149,8 +149,9 @@ def _layer_sweep(a16, a8, graph, data, config: dict, q, mix=None):
     """Per-layer mixed precision (cw_export.quantize.mixed); rewrites ``a16`` in place into the mixed graph (and
     its encodings) when some layers can go to 8 bits.
 
-    The sweep scores candidates by merging the 8-bit graph's quantization parameters into the 16-bit one (no new
-    calibration per candidate). Such a merged graph is right on the CPU EP but not a valid NPU graph: an op whose
+    The block and layer sweeps score candidates by merging the 8-bit graph's quantization parameters into the
+    16-bit one (no new calibration per candidate; the mac sweep's candidates are already in the NPU's form,
+    ``mixed.convert_macs``). Such a merged graph is right on the CPU EP but not a valid NPU graph: an op whose
     input and output differ in bit width needs a conversion between them (measured: the QNN HTP refuses the merged
     low_res and adaptor of the built-in model). ``mix(a8_tensors)``, where the backend offers it (ort: onnxruntime's
     mixed-precision overrides add the conversions), quantizes the chosen mix anew with the same 8-bit parameters;
@@ -164,7 +165,7 @@ def _layer_sweep(a16, a8, graph, data, config: dict, q, mix=None):
         return a8_margin(numbers, q), numbers
 
     layers, mixed_file = sweep(a16.file, a8.file, score, depth=q.a8_layer_sweep)
-    if mixed_file is not None and mix is not None:
+    if mixed_file is not None and mix is not None and q.a8_layer_sweep != "mac":  # mac: converted as scored
         mixed = mix(a8_parameters(a8.file, layers.a8_tensors))
         margin, numbers = score(mixed.file)
         mixed_file.unlink()
