@@ -123,9 +123,16 @@ def test_converted_macs_run_at_8_bits_and_place_on_the_htp(ort_pair, low_res, tm
     path = tmp_path / "all_macs_a8.onnx"
     onnx.save_model(converted, str(path))
     assert count_onnx(path).a8_mac_share == 1.0
-    before, after = zero_point_types(a16), zero_point_types(converted)
-    assert all(after[t] == before[t] for t in before)  # the 16-bit quantizers stay; 8-bit ones are added
-    assert {after[t] for t in after if t not in before} <= {onnx.TensorProto.UINT8}
+    before = {i.name: i for i in a16.graph.initializer}
+    after = {i.name: i for i in converted.graph.initializer}
+    changed = [n for n in before if after[n].SerializeToString() != before[n].SerializeToString()]
+    assert changed and all(before[n].data_type == onnx.TensorProto.INT32 or n.endswith("_scale")
+                           for n in changed)  # only biases (int32 values + their scales) follow the 8-bit inputs
+    added = [after[n] for n in after if n not in before and n.endswith("_zero_point")]
+    assert added and {t.data_type for t in added} == {onnx.TensorProto.UINT8}  # the 8-bit conversions
+    assert sixteen_bit_tensors(a16) and all(  # every 16-bit quantizer of the graph is still there
+        after[zp].data_type in SIXTEEN_BIT for _, zp in activation_quantizers(a16).values()
+        if before[zp].data_type in SIXTEEN_BIT)
     half = tmp_path / "half.onnx"
     onnx.save_model(convert_macs(a16, a8, macs[: len(macs) // 2]), str(half))
     assert 0 < count_onnx(half).a8_mac_share < 1
