@@ -34,10 +34,10 @@ PROMPT = "a red triangle on the left of a blue square"
 class TimedRunner:
     """A BundleRunner whose graph calls and steps are timed."""
 
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, bundle: Path, threads: int = 0) -> None:
         from cw_export.runtime.pipeline import BundleRunner
 
-        self.runner = BundleRunner(bundle)
+        self.runner = BundleRunner(bundle, threads=threads)
         self.graph_times: dict[str, list[float]] = {}
         original = self.runner.run_graph
 
@@ -62,10 +62,11 @@ class TimedRunner:
         return total, per_step
 
 
-def bench_bundle(label: str, bundle: Path, steps: int, clocks: list[int], runs: int, warmup: int) -> dict:
+def bench_bundle(label: str, bundle: Path, steps: int, clocks: list[int], runs: int, warmup: int,
+                 threads: int = 0) -> dict:
     from cw_export.bundle.flops import inspect_bundle
 
-    timed = TimedRunner(bundle)
+    timed = TimedRunner(bundle, threads)
     manifest = timed.runner.manifest
     start = time.perf_counter()
     hidden, pooled = timed.runner.encode_prompt(PROMPT)
@@ -104,7 +105,7 @@ def bench_bundle(label: str, bundle: Path, steps: int, clocks: list[int], runs: 
         "source_model": manifest.get("source_model", {}).get("name") or manifest.get("source_model", {}).get("kind"),
         "image_size": manifest["latent"]["image_size"], "latent_shape": manifest["latent"]["shape"],
         "precision": sorted({g.get("precision", "?") for g in manifest["graphs"].values()}),
-        "steps": steps, "runs": runs, "warmup": warmup, "text_encoder_s": round(text_s, 4),
+        "steps": steps, "runs": runs, "warmup": warmup, "threads": threads, "text_encoder_s": round(text_s, 4),
         "graph_s_median": {g: round(statistics.median(v), 4) for g, v in sorted(timed.graph_times.items())},
         "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in load_after],
         "clocks": rows,
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clocks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime intra-op threads per session (0: its default, one per physical core)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--md", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.bundle:
         label, _, path = spec.partition("=")
         print(f"benchmarking {label} ({path}) ...", flush=True)
-        results["bundles"].append(bench_bundle(label, Path(path), args.steps, args.clocks, args.runs, args.warmup))
+        results["bundles"].append(bench_bundle(label, Path(path), args.steps, args.clocks, args.runs, args.warmup,
+                                               args.threads))
         print(json.dumps(results["bundles"][-1]["clocks"], indent=1), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

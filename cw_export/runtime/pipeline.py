@@ -10,6 +10,7 @@ then classifier-free guidance and one sampler update from the manifest's per-ste
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +44,18 @@ class Trajectory:
 class BundleRunner:
     """Loads a verified bundle's graphs once and runs trajectories through them."""
 
-    def __init__(self, bundle: str | os.PathLike, provider: str = "cpu", verify: bool = True) -> None:
+    def __init__(self, bundle: str | os.PathLike, provider: str = "cpu", verify: bool = True,
+                 threads: int = 0) -> None:
+        """``threads``: onnxruntime intra-op threads per session (0: onnxruntime's default, one per physical core);
+        a speed setting only: the outputs do not depend on it (tests/runtime/test_sessions.py)."""
         self.bundle = Path(bundle)
+        self.threads = threads
         check_provider(provider)
         self.manifest = load_verified(self.bundle, verify=verify)
         self.provider = provider
         self._sessions: dict = {}
+        self._calls: dict = {}
+        self._plans: dict = {}
 
     @classmethod
     def from_sessions(cls, manifest: dict, sessions: dict) -> "BundleRunner":
@@ -59,7 +66,10 @@ class BundleRunner:
         runner.bundle = None
         runner.manifest = manifest
         runner.provider = "cpu"
+        runner.threads = 0
         runner._sessions = dict(sessions)
+        runner._calls = {}
+        runner._plans = {}
         return runner
 
     def session(self, graph: str):
@@ -68,7 +78,8 @@ class BundleRunner:
                 raise KeyError(f"graph {graph} was not given to BundleRunner.from_sessions")
             # the session settings parity was measured under (manifest "session_options"; PLATFORM.md), the graph
             # read through the bundle's confinement (sessions.bundle_session)
-            self._sessions[graph] = bundle_session(self.bundle, self.manifest, graph, self.provider)
+            self._sessions[graph] = bundle_session(self.bundle, self.manifest, graph, self.provider,
+                                                  threads=self.threads)
         return self._sessions[graph]
 
     # -- text ---------------------------------------------------------------------------------------------------
@@ -151,15 +162,22 @@ class BundleRunner:
         if tuple(init_latents.shape) != tuple(self.latent_shape()):
             raise InputError(f"init latents have shape {list(init_latents.shape)}; the bundle needs {self.latent_shape()}")
         self.check_text_embeds(encoder_hidden_states, pooled_text)
-        sampler = self.manifest["sampler"]
-        table = schedulers.build_step_table(sampler["name"], sampler["config"], steps)
+        plan = self._step_plan(steps)
+        table = plan.table
         wiring = self.manifest["wiring"]
-        time_spec = self.manifest["time_features"]
+        aliases = tuple(wiring["clocked_aliases"].items())
+        cache_wiring = tuple(wiring["cache"].items())
+        step_output = wiring["step_output"]
+        graphs = {kind: tuple(wiring["steps"][kind]) for kind in set(kinds)}
+        # read-only per image: cast once (no copy when the caller's arrays are float32 already), not once per step
+        hidden = np.asarray(encoder_hidden_states, dtype=np.float32)
+        pooled = None if pooled_text is None else np.asarray(pooled_text, dtype=np.float32)
+        scale = np.float32(guidance)
 
         latents = init_latents.astype(np.float32) * np.float32(schedulers.init_noise_sigma(table))
         state: dict = {}
         cache: dict[str, np.ndarray] = {}
-        trajectory = Trajectory(latents=latents, kinds=kinds, timesteps=[int(t) for t in table["timesteps"]])
+        trajectory = Trajectory(latents=latents, kinds=kinds, timesteps=list(plan.timesteps))
         iterator = range(steps)
         if progress:
             from ..progress import progress_bar
@@ -167,30 +185,29 @@ class BundleRunner:
             iterator = progress_bar(iterator, desc="denoise", unit="step")
         for i in iterator:
             kind = kinds[i]
-            t = table["timesteps"][i]
-            model_input = schedulers.scale_model_input(table, i, np.concatenate([latents, latents]))
-            slots = {
-                "sample": model_input.astype(np.float32),
-                "time_features": sinusoidal_time_features(np.full((model_input.shape[0],), t), time_spec),
-                "encoder_hidden_states": encoder_hidden_states.astype(np.float32),
-            }
-            if pooled_text is not None:
-                slots["pooled_text"] = pooled_text.astype(np.float32)
+            sample = np.concatenate([latents, latents])
+            if plan.input_scale[i] != 1.0:  # x * 1.0 is exact in float64: skipping it changes no bit
+                sample = schedulers.scale_model_input(table, i, sample)
+            slots = {"sample": sample, "time_features": plan.time_features[i], "encoder_hidden_states": hidden}
+            if pooled is not None:
+                slots["pooled_text"] = pooled
             if kind == CLOCKED:
                 slots.update(cache)
-                for target, source in wiring["clocked_aliases"].items():
+                for target, source in aliases:
                     slots[target] = slots[source]
-            for graph in wiring["steps"][kind]:
+            for graph in graphs[kind]:
                 self.run_graph(graph, slots)
-            for target, source in wiring["cache"].items():
+            for target, source in cache_wiring:
                 cache[target] = slots[source]
             if on_step is not None:
                 on_step(i, kind, slots)
-            noise_uncond, noise_cond = np.split(slots[wiring["step_output"]], 2)
+            prediction = slots[step_output]
+            half = prediction.shape[0] // 2  # [uncond, cond] (np.split into 2 gives the same two views)
+            noise_uncond, noise_cond = prediction[:half], prediction[half:]
             delta = noise_cond - noise_uncond
-            noise = noise_uncond + np.float32(guidance) * delta
-            latents = schedulers.sampler_step(table, i, noise, latents, state).astype(np.float32)
-            if not np.all(np.isfinite(latents)):
+            noise = noise_uncond + scale * delta
+            latents = schedulers.sampler_step(table, i, noise, latents, state).astype(np.float32, copy=False)
+            if not np.isfinite(latents).all():
                 raise NumericError(f"step {i + 1} of {steps} ({kind}) produced NaN or infinite latents: the inputs "
                                    f"are far out of range (guidance {guidance:g}, init latents max |x| "
                                    f"{float(np.max(np.abs(init_latents))):.3g})")
@@ -201,9 +218,45 @@ class BundleRunner:
 
     def run_graph(self, graph: str, slots: dict) -> None:
         """Run one graph of the loop on the step's slots: read its inputs, write its outputs (the manifest's wiring)."""
-        spec = self.manifest["wiring"]["graphs"][graph]
-        feeds = {name: slots[slot] for name, slot in spec["inputs"].items()}
-        outputs = list(spec["outputs"])
-        values = self.session(graph).run(outputs, feeds)
-        for name, value in zip(outputs, values):
-            slots[spec["outputs"][name]] = value
+        session, inputs, outputs, targets = self._graph_call(graph)
+        values = session.run(outputs, {name: slots[slot] for name, slot in inputs})
+        for target, value in zip(targets, values):
+            slots[target] = value
+
+    def _graph_call(self, graph: str) -> tuple:
+        """(session, ((input name, slot), ...), [output names], (output slots)) of a graph, worked out once."""
+        call = self._calls.get(graph)
+        if call is None:
+            spec = self.manifest["wiring"]["graphs"][graph]
+            outputs = list(spec["outputs"])
+            call = self._calls[graph] = (self.session(graph), tuple(spec["inputs"].items()), outputs,
+                                         tuple(spec["outputs"][name] for name in outputs))
+        return call
+
+    def _step_plan(self, steps: int) -> "_StepPlan":
+        """The sampler's step table and each step's time features for ``steps`` steps, computed once per runner (the
+        same functions on the same manifest entries every call, so every value is the one a per-image rebuild gives)."""
+        sampler, time_spec = self.manifest["sampler"], self.manifest["time_features"]
+        key = (steps, json.dumps([sampler["name"], sampler["config"], time_spec], sort_keys=True, default=str))
+        plan = self._plans.get(key)
+        if plan is None:
+            table = schedulers.build_step_table(sampler["name"], sampler["config"], steps)
+            features = []
+            batch = 2 * self.latent_shape()[0]  # [uncond, cond]
+            for t in table["timesteps"]:
+                values = sinusoidal_time_features(np.full((batch,), t), time_spec)
+                values.setflags(write=False)  # shared by every image of this runner
+                features.append(values)
+            plan = self._plans[key] = _StepPlan(table, tuple(int(t) for t in table["timesteps"]),
+                                                tuple(float(s) for s in table["input_scale"]), tuple(features))
+        return plan
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """What every image of a given step count shares: the step table, its timesteps, input scales, time features."""
+
+    table: dict
+    timesteps: tuple[int, ...]
+    input_scale: tuple[float, ...]
+    time_features: tuple[np.ndarray, ...]

@@ -103,19 +103,20 @@ def _session(model: Path | InMemoryGraph, options: ort.SessionOptions, **kwargs)
 
 
 def create_session(path: Path | InMemoryGraph, provider: str = "cpu", options: ort.SessionOptions | None = None,
-                   config: dict | None = None, precision: str | None = None):
+                   config: dict | None = None, precision: str | None = None, threads: int = 0):
     """An InferenceSession for one graph (a file, or an InMemoryGraph: ``bundle_session``) on the named provider.
 
     ``precision`` is the manifest's graph precision: on ``qnn-htp`` an ``fp32`` graph runs on the CPU EP, any other
     (or unknown) precision on the HTP with CPU fallback disabled.
 
     ``config`` (a ``session_config`` dict, e.g. a manifest's ``session_options``) sets the optimisation level and the
-    disabled optimizers; without it onnxruntime's defaults apply.
+    disabled optimizers; without it onnxruntime's defaults apply. ``threads`` (with ``config``) sets the intra-op
+    thread count (0: onnxruntime's default).
     """
     check_provider(provider)
     disabled: list[str] = []
     if config is not None:
-        options = session_options(graph_optimization_level=config["graph_optimization_level"])
+        options = session_options(graph_optimization_level=config["graph_optimization_level"], threads=threads)
         disabled = list(config.get("disabled_optimizers", []))
     kwargs = {"disabled_optimizers": disabled} if disabled else {}
     model = path if isinstance(path, InMemoryGraph) else Path(path)
@@ -124,7 +125,7 @@ def create_session(path: Path | InMemoryGraph, provider: str = "cpu", options: o
     return _session(model, options or session_options(), providers=["CPUExecutionProvider"], **kwargs)
 
 
-def bundle_session(bundle: str | os.PathLike, manifest: dict, graph: str, provider: str = "cpu"):
+def bundle_session(bundle: str | os.PathLike, manifest: dict, graph: str, provider: str = "cpu", threads: int = 0):
     """The session of one graph of a bundle, under the manifest's recorded session settings.
 
     The graph file and its external data are read through the confinement (``graph_file.read_graph``, files mapped
@@ -137,7 +138,7 @@ def bundle_session(bundle: str | os.PathLike, manifest: dict, graph: str, provid
     files = {location: map_inside(bundle, rel) for location, rel in external.items()}
     try:
         return create_session(InMemoryGraph(graph, data, files), provider, config=config,
-                              precision=spec.get("precision", "fp32"))
+                              precision=spec.get("precision", "fp32"), threads=threads)
     finally:
         for mapped in files.values():
             if isinstance(mapped, mmap.mmap):

@@ -14,3 +14,38 @@ def test_bundle_sessions_run_without_the_cpu_memory_arena(fp32_bundle):
         assert runner.session(graph).get_session_options().enable_cpu_mem_arena is False, graph
     export_check = ort_session(fp32_bundle / "graphs" / "low_res.onnx")  # the export's parity session
     assert export_check.get_session_options().enable_cpu_mem_arena is False
+
+
+def test_thread_count_is_a_speed_setting_only(fp32_bundle):
+    """``BundleRunner(threads=N)`` sets every session's intra-op threads and changes no bit of the trajectory."""
+    import numpy as np
+
+    default, one = BundleRunner(fp32_bundle), BundleRunner(fp32_bundle, threads=1)
+    assert one.session("low_res").get_session_options().intra_op_num_threads == 1
+    hidden, pooled = default.encode_prompt("a red square")
+    noise = np.random.default_rng(5).standard_normal(default.latent_shape(), dtype=np.float32)
+    for clock in (1, 2):
+        a = default.generate(hidden, pooled, noise, steps=4, clock=clock)
+        b = one.generate(hidden, pooled, noise, steps=4, clock=clock)
+        assert a.latents.tobytes() == b.latents.tobytes(), clock
+        assert [s.tobytes() for s in a.step_latents] == [s.tobytes() for s in b.step_latents], clock
+
+
+def test_repeated_images_reuse_the_step_plan_bit_for_bit(fp32_bundle):
+    """The step table and time features are computed once per runner and step count; a second image, another step
+    count in between, and a fresh runner give the same bytes (and the shared time features are read-only)."""
+    import numpy as np
+    import pytest
+
+    runner = BundleRunner(fp32_bundle)
+    hidden, pooled = runner.encode_prompt("a blue circle")
+    noise = np.random.default_rng(6).standard_normal(runner.latent_shape(), dtype=np.float32)
+    seen = []
+    first = runner.generate(hidden, pooled, noise, steps=4, clock=2,
+                            on_step=lambda i, kind, slots: seen.append(slots["time_features"]))
+    runner.generate(hidden, pooled, noise, steps=3, clock=1)
+    again = runner.generate(hidden, pooled, noise, steps=4, clock=2)
+    fresh = BundleRunner(fp32_bundle).generate(hidden, pooled, noise, steps=4, clock=2)
+    assert first.latents.tobytes() == again.latents.tobytes() == fresh.latents.tobytes()
+    with pytest.raises(ValueError):
+        seen[0][0, 0] = 1.0
