@@ -107,7 +107,7 @@ def test_backends_quantize_the_image_graphs(backend, graph, setup, tiny_model, f
 
 
 def test_recipes_name_the_image_graphs_precision():
-    for target in ("snapdragon-int8", "snapdragon-int8-all", "snapdragon-w8a16", "snapdragon-w8a8"):
+    for target in ("snapdragon-int8", "snapdragon-w8a16", "snapdragon-w8a8"):
         q = load_recipe(target).quantization
         assert q.activation_bits["text_encoder"] == q.activation_bits["vae_decoder"] == 16, target
         assert {"text_encoder", "vae_decoder"} <= set(graphs_to_quantize(q, ["text_encoder", "vae_decoder"]))
