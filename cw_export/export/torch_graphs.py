@@ -20,7 +20,9 @@ class TorchGraph:
         import torch
 
         with torch.no_grad():
-            out = self.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names])
+            # torch wants writable memory: the runtime's per-image inputs may be read-only views (no copy then)
+            out = self.module(*[torch.from_numpy(np.require(feeds[n], requirements=("C", "W")))
+                                for n in self.input_names])
         out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         values = dict(zip(self.output_names, (t.detach().cpu().numpy() for t in out)))
         return [values[n] for n in (output_names or self.output_names)]

@@ -94,9 +94,6 @@ def check_settings(settings) -> None:
     if settings.a8_layer_sweep not in LAYER_SWEEPS:
         raise RecipeError(f"[quantization] a8_layer_sweep = {settings.a8_layer_sweep!r}; "
                           f"must be one of {', '.join(LAYER_SWEEPS)}")
-    if settings.a8_layer_sweep == "mac" and settings.backend != "ort":
-        raise RecipeError(f"[quantization] a8_layer_sweep = 'mac' needs the ort backend (its QDQ conversions around "
-                          f"8-bit MACs have no AIMET encodings form); backend is '{settings.backend}'")
     if settings.a8_range not in A8_RANGES:
         raise RecipeError(f"[quantization] a8_range = {settings.a8_range!r}; must be one of {', '.join(A8_RANGES)}")
     for name in ("calibration_prompts", "calibration_samples"):

@@ -46,6 +46,7 @@ def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graph
     backend = get_backend(q.backend)
     config = manifest_session_config(manifest)
     names = graphs_to_quantize(q, entries)
+    depth = sweep_depth(q, backend)
     new_entries: dict[str, GraphEntry] = {}
     placed: dict[str, Path] = {}
     fallbacks: dict[str, A16Fallback] = {}
@@ -84,25 +85,26 @@ def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graph
                 else:
                     bits = 16
                     reason = f"a16: 8-bit activations gave {_describe(numbers)}, below the recipe's floors"
-                    if q.a8_layer_sweep != "off":
+                    if depth != "off":
                         result = run(16)
                         held = hold_a16(result, name, fallback_dir) if fallback_dir is not None else None
                         mix = (lambda a8_tensors: run(16, a8_tensors)) if getattr(backend, "MIXES", False) else None
-                        layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q, mix)
+                        layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q, depth, mix)
                         sweep["layers"] = layers.as_dict()
                         if layers.a8_groups:
                             bits = "8+16"
                             if held is not None:
                                 fallbacks[name] = held
-                            unit = SWEEP_UNITS[q.a8_layer_sweep]
+                            unit = SWEEP_UNITS[depth]
                             reason = (f"a8 in {len(layers.a8_groups)} of {len(layers.margin_db)} "
                                       f"{unit}s, a16 elsewhere: the per-{unit} sweep keeps "
-                                      f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})")
+                                      f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})"
+                                      + (MAC_NEEDS_ORT if depth != q.a8_layer_sweep else ""))
                         elif layers.refused:
                             reason += (f"; the sweep's mix, converted for the NPU, gave "
                                        f"{_describe(layers.refused['converted_mix'])}")
                         else:
-                            reason += f"; no {SWEEP_UNITS[q.a8_layer_sweep]} keeps the floors at 8 bits on its own"
+                            reason += f"; no {SWEEP_UNITS[depth]} keeps the floors at 8 bits on its own"
             if result is None:
                 result = run(bits)
             external = move_graph(result.file, bundle / "graphs", name)
@@ -145,7 +147,18 @@ def _describe(numbers: dict) -> str:
     return text
 
 
-def _layer_sweep(a16, a8, graph, data, config: dict, q, mix=None):
+MAC_NEEDS_ORT = "; per block, not per MAC: the MAC sweep's 8/16-bit conversions have no AIMET encodings form"
+
+
+def sweep_depth(q, backend) -> str:
+    """The recipe's sweep granularity, except that a MAC sweep runs per block on a backend that does not build
+    mixed graphs itself (aimet: its encodings have no form for the conversions; the reason says so)."""
+    if q.a8_layer_sweep == "mac" and not getattr(backend, "MIXES", False):
+        return "block"
+    return q.a8_layer_sweep
+
+
+def _layer_sweep(a16, a8, graph, data, config: dict, q, depth: str, mix=None):
     """Per-layer mixed precision (cw_export.quantize.mixed); rewrites ``a16`` in place into the mixed graph (and
     its encodings) when some layers can go to 8 bits.
 
@@ -164,8 +177,8 @@ def _layer_sweep(a16, a8, graph, data, config: dict, q, mix=None):
         numbers = _a8_score(path, graph, data, config)
         return a8_margin(numbers, q), numbers
 
-    layers, mixed_file = sweep(a16.file, a8.file, score, depth=q.a8_layer_sweep)
-    if mixed_file is not None and mix is not None and q.a8_layer_sweep != "mac":  # mac: converted as scored
+    layers, mixed_file = sweep(a16.file, a8.file, score, depth=depth)
+    if mixed_file is not None and mix is not None and depth != "mac":  # mac: converted as scored
         mixed = mix(a8_parameters(a8.file, layers.a8_tensors))
         margin, numbers = score(mixed.file)
         mixed_file.unlink()

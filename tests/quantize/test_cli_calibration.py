@@ -87,6 +87,24 @@ def test_budget_flags_override_the_recipe(tmp_path, capsys):
     assert code == 2 and "--calibration-samples" in err and not (tmp_path / "b").exists()
 
 
+def test_mac_sweep_and_range_flags_are_checked(tmp_path, capsys):
+    """--a8-range reaches the recipe; a bad range is a usage error, one line, exit 2, nothing written; the MAC sweep
+    runs per block on the aimet backend (its encodings have no form for the conversions)."""
+    from cw_export.cli import _apply_quantization_flags, build_parser
+    from cw_export.recipe import load_recipe
+
+    args = build_parser().parse_args(["--a8-range", "percentile"])
+    assert _apply_quantization_flags(load_recipe("snapdragon-int8"), args).quantization.a8_range == "percentile"
+    assert load_recipe("snapdragon-int8").quantization.a8_layer_sweep == "mac"
+    from cw_export.quantize import get_backend
+    from cw_export.quantize.stage import sweep_depth
+
+    q = load_recipe("snapdragon-int8").quantization
+    assert sweep_depth(q, get_backend("ort")) == "mac" and sweep_depth(q, get_backend("aimet")) == "block"
+    code, err = run(["--target", "snapdragon-int8", "--a8-range", "mse", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "--a8-range" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
 def test_the_model_declares_its_own_prompt_sets(tmp_path):
     """The built-in model calibrates on its train captions and gates on its held-out ones (its cw_export.json);
     --calibration beats the declaration; a model folder names a file of its own or a built-in set, nothing else."""

@@ -176,6 +176,32 @@ def test_ort_mix_of_a_sweep_choice_places_on_the_htp(ort_pair, low_res, tmp_path
         create_session(merged, provider="qnn-htp", config=CONFIG, precision="w8a8+16")
 
 
+def test_percentile_ranges_clip_inside_min_max(ort_pair, low_res, tmp_path):
+    """--a8-range percentile: the 8-bit graph's activation ranges come from onnxruntime's histogram calibrator (the
+    99.99th percentile), never wider than min-max on the same samples and narrower for some tensor; 16-bit graphs
+    are unaffected (their ranges stay min-max)."""
+    import dataclasses
+
+    from onnx import numpy_helper
+
+    bundle, graph, data = low_res
+    job = GraphJob(GRAPH, bundle / "graphs" / f"{GRAPH}.onnx", graph.module, graph.input_names, graph.output_names,
+                   data, 8)
+    q = dataclasses.replace(load_recipe("snapdragon-int8").quantization, a8_range="percentile")
+    clipped = get_backend("ort").quantize_graph(job, q, tmp_path / "pct")
+
+    def scales(path) -> dict[str, float]:
+        model = onnx.load(str(path))
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        return {t: float(inits[sc]) for t, (sc, _) in activation_quantizers(model).items() if inits[sc].size == 1}
+
+    minmax, percentile = scales(ort_pair[1].file), scales(clipped.file)
+    shared = set(minmax) & set(percentile)
+    assert len(shared) > 20
+    assert all(percentile[t] <= minmax[t] * (1 + 1e-5) for t in shared)
+    assert sum(percentile[t] < 0.95 * minmax[t] for t in shared) >= 1
+
+
 def test_sweep_returns_nothing_when_no_group_fits(ort_pair):
     result, mixed = sweep(ort_pair[0].file, ort_pair[1].file, lambda path: (-1.0, {"sqnr_db": 0.0}))
     assert mixed is None and result.a8_groups == [] and all(m < 0 for m in result.margin_db.values())
@@ -201,7 +227,7 @@ def test_aimet_encodings_follow_the_merged_graph(low_res, tmp_path):
 
 def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
     """snapdragon-int8 on the tiny model: low_res fails whole at a8 (measured: guidance SQNR < 0 dB) and gets a
-    per-block mix; the manifest's a8 blocks are exactly the 8-bit activations of the shipped graph."""
+    per-MAC mix; the manifest's a8 MACs are exactly the MACs of the shipped graph that read 8-bit activations."""
     recipe = quant.small_recipe("snapdragon-int8", backend="ort")
     # 2 calibration prompts (the test budget) give cruder ranges than the recipe's 16: a lower guidance floor keeps
     # the mixed path reachable (with the recipe's budget and floors the sweep keeps 2-4 blocks, docs/quantization.md)
@@ -221,12 +247,15 @@ def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
     assert entry["precision"] == "w8a8+16" and layers["a8_groups"], entry["quantization"]["reason"]
     assert layers["mixed"]["sqnr_db"] >= recipe.quantization.a8_min_sqnr_db
     assert layers["mixed"]["guidance_sqnr_db"] >= recipe.quantization.a8_min_guidance_sqnr_db
+    assert layers["granularity"] == "mac"
+    from cw_export.bundle.flops import _constants, count_onnx, eight_bit_activations
+
     model = onnx.load(str(bundle / "graphs" / f"{GRAPH}.onnx"))
-    types = zero_point_types(model)
-    at8 = {t for t, kind in types.items() if kind == onnx.TensorProto.UINT8}
-    groups = group_tensors(model, [t for t, kind in types.items() if kind in SIXTEEN_BIT or t in at8], 2)
-    assert at8 == {t for g in layers["a8_groups"] for t in groups[g]}
-    assert len(at8) == layers["a8_tensors"]
+    eight_bit = eight_bit_activations(model.graph, _constants(model.graph))
+    reads_8 = {n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")
+               and any(i in eight_bit for i in n.input[:2])}
+    assert reads_8 == set(layers["a8_groups"]) and len(reads_8) == layers["a8_tensors"]
+    assert 0 < count_onnx(bundle / "graphs" / f"{GRAPH}.onnx").a8_mac_share < 1
     parity = manifest["parity"]
     assert parity["gate"]["passed"] and "gate_fallback" not in entry["quantization"]
     assert parity["thresholds"]["guidance_ratio_tolerance"] == GATE_GUIDANCE_TOLERANCE
@@ -246,6 +275,8 @@ def test_aimet_mixed_bundle_passes_its_own_validate(quant, tmp_path):
     manifest = read_manifest(bundle)
     bits = manifest["graphs"][GRAPH]["quantization"]["activation_bits"]
     assert bits == "8+16", manifest["graphs"][GRAPH]["quantization"]["reason"]
+    sweep = manifest["graphs"][GRAPH]["quantization"]["sweep"]["layers"]  # the recipe's mac sweep runs per block
+    assert sweep["granularity"] == "block" and "not per MAC" in manifest["graphs"][GRAPH]["quantization"]["reason"]
     checks = static_checks(bundle, manifest)
     assert all(c.ok for c in checks), [(c.name, c.detail) for c in checks if not c.ok]
     assert any(c.name == f"{GRAPH} encodings" for c in checks)
