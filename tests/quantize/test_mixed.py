@@ -113,7 +113,8 @@ def test_sweep_keeps_the_largest_prefix_of_least_harmful_groups(ort_pair):
 def test_converted_macs_run_at_8_bits_and_place_on_the_htp(ort_pair, low_res, tmp_path):
     """MAC granularity: every convertible Conv/MatMul/Gemm at 8 bits (conversions around it) makes 100% of the
     graph's MACs 8-bit by the bundle's own count (bundle.flops), leaves every existing 16-bit quantizer as it was,
-    sits between the a16 and a8 graphs in SQNR, and places on the QNN HTP with CPU fallback disabled."""
+    sits between the a16 and a8 graphs in SQNR, and places on the QNN HTP with CPU fallback disabled under
+    onnxruntime's basic and default (all) optimisation levels."""
     from cw_export.bundle.flops import count_onnx
 
     a16, a8 = (onnx.load(str(r.file)) for r in ort_pair)
@@ -140,8 +141,9 @@ def test_converted_macs_run_at_8_bits_and_place_on_the_htp(ort_pair, low_res, tm
     sqnr = {name: graph_sqnr(create_session(f, config=CONFIG), graph, data)["sqnr_db"]
             for name, f in (("a16", ort_pair[0].file), ("half", half), ("a8", ort_pair[1].file))}
     assert sqnr["a8"] < sqnr["half"] < sqnr["a16"], sqnr
-    for f in (path, half):
-        create_session(f, provider="qnn-htp", config=CONFIG, precision="w8a8+16")  # raises if a node falls back
+    for f in (path, half):  # raises if a node falls back; app teams load with their runtime's default level (#20 A.9)
+        for level in ("basic", "all"):
+            create_session(f, provider="qnn-htp", config=session_config(level), precision="w8a8+16")
 
 
 def test_ort_mix_of_a_sweep_choice_places_on_the_htp(ort_pair, low_res, tmp_path):
