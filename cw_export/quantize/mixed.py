@@ -173,6 +173,13 @@ def convert_macs(base, donor, macs: list[str]):
             params[tensor] = names
         return params[tensor]
 
+    def requantize(source: str, scale_zero_point: tuple[str, str], quantized: str, out: str, q_name: str) -> str:
+        """QuantizeLinear8 -> DequantizeLinear8 of ``source`` appended to the new node list; returns its output."""
+        new_nodes.append(helper.make_node("QuantizeLinear", [source, *scale_zero_point], [quantized], name=q_name))
+        new_nodes.append(helper.make_node("DequantizeLinear", [quantized, *scale_zero_point], [out],
+                                          name=f"{out}_DequantizeLinear"))
+        return out
+
     converted: dict[str, str] = {}  # 16-bit DequantizeLinear output -> its 8-bit conversion
     new_nodes = []
     rewire: dict[str, str] = {}  # a MAC output's 16-bit QuantizeLinear reads its 8-bit DequantizeLinear instead
@@ -191,23 +198,13 @@ def convert_macs(base, donor, macs: list[str]):
                 continue  # a weight
             tensor = next(tensors)
             if name not in converted:
-                scale, zero_point = eight_bit(tensor)
-                q8, dq8 = f"{name}_to_a8", f"{name}_a8"
-                new_nodes.append(helper.make_node("QuantizeLinear", [name, scale, zero_point], [q8],
-                                                  name=f"{q8}_QuantizeLinear"))
-                new_nodes.append(helper.make_node("DequantizeLinear", [q8, scale, zero_point], [dq8],
-                                                  name=f"{dq8}_DequantizeLinear"))
-                converted[name] = dq8
+                q8 = f"{name}_to_a8"
+                converted[name] = requantize(name, eight_bit(tensor), q8, f"{name}_a8", f"{q8}_QuantizeLinear")
             node.input[index] = converted[name]
         new_nodes.append(node)
         output = node.output[0]
-        scale, zero_point = eight_bit(output)
-        q8, dq8 = f"{output}_a8_QuantizeLinear_Output", f"{output}_a8"
-        new_nodes.append(helper.make_node("QuantizeLinear", [output, scale, zero_point], [q8],
-                                          name=f"{output}_a8_QuantizeLinear"))
-        new_nodes.append(helper.make_node("DequantizeLinear", [q8, scale, zero_point], [dq8],
-                                          name=f"{output}_a8_DequantizeLinear"))
-        rewire[output] = dq8
+        rewire[output] = requantize(output, eight_bit(output), f"{output}_a8_QuantizeLinear_Output", f"{output}_a8",
+                                    f"{output}_a8_QuantizeLinear")
     del merged.graph.node[:]
     merged.graph.node.extend(new_nodes)
     return refresh_value_info(merged)
