@@ -24,6 +24,7 @@ from cw_export.contract.manifest import read_manifest, verify_bundle
 
 PAUSED = "cw-export: test pause at "
 PAUSE_TIMEOUT_S = 400
+EXIT_TIMEOUT_S = 300  # after the signal: seconds to clean up and exit (a local CI run under extra load exceeded 120)
 
 
 class PausedProcess:
@@ -175,7 +176,7 @@ def _signalled(run: PausedProcess, name: str) -> None:
     run.wait_paused()
     run.proc.send_signal(sig)
     try:
-        assert run.proc.wait(120) == code, "".join(run.stderr)[-3000:]
+        assert run.proc.wait(EXIT_TIMEOUT_S) == code, "".join(run.stderr)[-3000:]
     finally:
         run.kill()
     lines = [s for s in "".join(run.stderr).splitlines() if s.strip() and not s.startswith(PAUSED)]
