@@ -33,8 +33,11 @@ class PausedProcess:
     def __init__(self, args: list[str], stage: str) -> None:
         self.stage = stage
         env = {**os.environ, **SUBPROCESS_ENV, PAUSE_ENV: stage}
+        # SIGINT as a terminal gives it: a suite started in the background (``cmd &``) has SIGINT ignored, which
+        # children inherit, and Python then installs no KeyboardInterrupt handler (the SIGINT tests hung there)
         self.proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True, env=env,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.stderr: list[str] = []
         self._paused = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
