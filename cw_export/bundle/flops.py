@@ -259,18 +259,12 @@ def eight_bit_activations(graph, constant: set[str]) -> set[str]:
     return found
 
 
-def count_onnx(path: Path, rel: str | None = None) -> GraphCost:
-    """MAC-based cost of one ONNX graph (``path``, or ``rel`` in the bundle ``path``), divided by its batch (the
-    first dim of its first input).
-
-    Shapes come from onnx.shape_inference (with data propagation); graphs that were not simplified keep Shape->Slice
-    arithmetic it cannot follow, and then onnxruntime's symbolic shape inference fills them in.
-    """
+def _inferred(model):
+    """The graph with inferred shapes and its shape table: onnx.shape_inference (with data propagation); graphs
+    that were not simplified keep Shape->Slice arithmetic it cannot follow, and then onnxruntime's symbolic shape
+    inference fills them in."""
     import onnx
 
-    if rel is None:
-        path, rel = Path(path).parent, Path(path).name
-    model = _load_structure(path, rel)
     graph = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
     shapes = _shapes(graph)
     if not _counted_nodes_known(graph, shapes):
@@ -278,37 +272,66 @@ def count_onnx(path: Path, rel: str | None = None) -> GraphCost:
 
         graph = SymbolicShapeInference.infer_shapes(model, auto_merge=True).graph
         shapes = _shapes(graph)
+    return graph, shapes
+
+
+def count_onnx(path: Path, rel: str | None = None) -> GraphCost:
+    """MAC-based cost of one ONNX graph (``path``, or ``rel`` in the bundle ``path``), divided by its batch (the
+    first dim of its first input); shapes from ``_inferred``."""
+    import onnx
+
+    if rel is None:
+        path, rel = Path(path).parent, Path(path).name
+    model = _load_structure(path, rel)
+    graph, shapes = _inferred(model)
     constant = _constants(graph)
     eight_bit = eight_bit_activations(graph, constant)
     conv = linear = attention = a8 = 0
     for node in graph.node:
-        op = node.op_type
-        if op not in COUNTED_ONNX_OPS:
+        if node.op_type not in COUNTED_ONNX_OPS:
             continue
-        before = conv + linear + attention
-        dims = [shapes.get(name) for name in list(node.input[:2]) + [node.output[0]]]
-        if any(d is None or any(v < 0 for v in d) for d in dims):
-            raise BundleError(f"{Path(rel).name}: node {node.name or op} has unknown shapes; cannot count its FLOPs")
-        a, b, y = dims
-        if op == "Conv":  # W [Cout, Cin/g, k...]: every output element reads Cin/g * k... inputs
-            conv += _prod(y) * _prod(b[1:])
-        elif op == "ConvTranspose":  # W [Cin, Cout/g, k...]: every input element scatters to Cout/g * k... outputs
-            conv += _prod(a) * _prod(b[1:])
+        kind, macs = node_macs(node, shapes, constant, rel)
+        if kind == "conv":
+            conv += macs
+        elif kind == "linear":
+            linear += macs
         else:
-            k = (a[0] if _attr(node, "transA", 0) else a[-1]) if op == "Gemm" else a[-1]
-            macs = _prod(y) * k
-            if node.input[0] in constant or node.input[1] in constant:
-                linear += macs
-            else:
-                attention += macs
+            attention += macs
         activations = [name for name in node.input[:2] if name and name not in constant]
         if activations and all(name in eight_bit for name in activations):
-            a8 += conv + linear + attention - before
+            a8 += macs
     params = sum(_prod(init.dims) for init in graph.initializer
                  if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(init.dims) >= 1)
     batch = shapes[graph.input[0].name][0] or 1
     return GraphCost(params=params, conv_flops=2 * conv // batch, linear_flops=2 * linear // batch,
                      attention_flops=2 * attention // batch, a8_flops=2 * a8 // batch)
+
+
+def node_macs(node, shapes: dict[str, list[int]], constant: set[str], rel: str = "graph") -> tuple[str, int]:
+    """(kind, MACs) of one Conv / ConvTranspose / MatMul / Gemm node: kind is conv, linear (one operand is a weight)
+    or attention (both operands are activations)."""
+    op = node.op_type
+    dims = [shapes.get(name) for name in list(node.input[:2]) + [node.output[0]]]
+    if any(d is None or any(v < 0 for v in d) for d in dims):
+        raise BundleError(f"{Path(rel).name}: node {node.name or op} has unknown shapes; cannot count its FLOPs")
+    a, b, y = dims
+    if op == "Conv":  # W [Cout, Cin/g, k...]: every output element reads Cin/g * k... inputs
+        return "conv", _prod(y) * _prod(b[1:])
+    if op == "ConvTranspose":  # W [Cin, Cout/g, k...]: every input element scatters to Cout/g * k... outputs
+        return "conv", _prod(a) * _prod(b[1:])
+    k = (a[0] if _attr(node, "transA", 0) else a[-1]) if op == "Gemm" else a[-1]
+    kind = "linear" if node.input[0] in constant or node.input[1] in constant else "attention"
+    return kind, _prod(y) * k
+
+
+def mac_counts(model) -> dict[str, int]:
+    """MACs of every named Conv / ConvTranspose / MatMul / Gemm node of an in-memory ONNX model (weights need not
+    be loaded: shapes come from the initializers' dims), for choosing which MACs to run at 8 bits; unnamed nodes
+    are named as ``quantize.mixed.mac_inputs`` names them."""
+    graph, shapes = _inferred(model)
+    constant = _constants(graph)
+    return {node.name or f"{node.op_type}_{index}": node_macs(node, shapes, constant)[1]
+            for index, node in enumerate(graph.node) if node.op_type in COUNTED_ONNX_OPS}
 
 
 def count_bundle(bundle: Path, manifest: dict) -> dict[str, GraphCost]:

@@ -3,7 +3,7 @@ fallbacks (FP32 for once-per-image graphs, 16-bit activations for swept graphs) 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +11,9 @@ import numpy as np
 from ..calibrate.stage import prompt_subset, tokenizer_fn
 from ..contract.schema import ParityRecord
 from ..prompts import prompt_set_hash
-from ..quantize.fallback import A16Fallback, apply_fallbacks, keep_fp32_where_parity_requires
+from ..quantize.fallback import A16Fallback, apply_fallbacks, back_off_mac_mix, keep_fp32_where_parity_requires
 from ..runtime.sessions import bundle_session, create_session, manifest_session_config
-from .measure import ImageReferences, gate, measure
+from .measure import ImageReferences, failures, gate, measure
 
 def heldout_prompts(recipe) -> list[str]:
     return prompt_subset(recipe.parity.heldout_set, recipe.parity.heldout_prompts, "parity")
@@ -62,9 +62,11 @@ def gated_parity_stage(model, recipe, records, graphs: dict, placed: dict[str, P
 
     1. "keep FP32 where parity requires": a text encoder / VAE decoder below the graph floor goes back to its FP32
        export (``fp32_held``, from ``hold_fp32``), with the measured reason in its entry;
-    2. "8-bit activations wherever the gate allows": while the whole bundle fails the gate, the 8-bit graph with the
-       lowest held-out SQNR goes back to 16 bits (``a16_held``, from ``quantize_stage``), one graph at a time, so a
-       graph whose 8 bits the gate tolerates keeps them when another one's do not.
+    2. "8-bit activations wherever the gate allows": while the whole bundle fails the gate (with the recipe's
+       ``a8_gate_guidance_tolerance`` where tighter), the 8-bit graph with the lowest held-out SQNR backs off, one
+       graph at a time, so a graph whose 8 bits the gate tolerates keeps them when another one's do not: a MAC
+       mix to the longest prefix of its sweep's order that holds (bisection, one measurement a probe), any other
+       graph (or a mix no prefix of which holds) to 16 bits (``a16_held``, from ``quantize_stage``).
 
     ``records`` (``cw_export.bundle.writer.BuildRecords``) are the build's records so far: each fallback replaces
     graph entries in ``records.graphs``, and each measurement reads the manifest they assemble to.
@@ -82,11 +84,49 @@ def gated_parity_stage(model, recipe, records, graphs: dict, placed: dict[str, P
     elif fp32_held and not a16_held:  # measured with the gate held open for rule 1 only: gate for real now
         parity = parity.with_gate(gate(parity.measured, recipe.parity, allow_low_parity))
     remaining = dict(a16_held)
-    while remaining and not parity.passed:
+    aim = backoff_thresholds(recipe)
+    while remaining and failures(parity.measured, aim):
         worst = min(remaining, key=lambda name: parity.graphs[name]["sqnr_db"])
-        records.graphs.update(apply_fallbacks(records.graphs, bundle, {worst: remaining.pop(worst)},
-                                              parity.gate["failures"]))
-        parity = measured(allow_low_parity or bool(remaining))
-    if a16_held and remaining and not allow_low_parity:  # measured with the gate held open: gate for real now
+        held = remaining.pop(worst)
+        found = failures(parity.measured, aim)
+        kept, shorter = _longest_holding_mix(worst, held, found, records, bundle, aim, lambda: measured(True))
+        if kept:
+            parity = shorter
+        else:
+            records.graphs.update(apply_fallbacks(records.graphs, bundle, {worst: held}, found))
+            parity = measured(allow_low_parity or bool(remaining))
+    if a16_held and not allow_low_parity:  # measured with the gate held open: gate for real now
         parity = parity.with_gate(gate(parity.measured, recipe.parity, allow_low_parity))
     return parity
+
+
+def backoff_thresholds(recipe):
+    """The thresholds the gate's fallbacks aim for: the recipe's, with ``a8_gate_guidance_tolerance`` where it is
+    tighter (the CPU EP's guidance ratio measured 0.013-0.028 closer to 1 than the QNN HTP's on the built-in
+    bundles: docs/quantization.md)."""
+    tight = recipe.quantization.a8_gate_guidance_tolerance
+    loose = recipe.parity.guidance_ratio_tolerance
+    if tight > 0 and (loose <= 0 or tight < loose):
+        return replace(recipe.parity, guidance_ratio_tolerance=tight)
+    return recipe.parity
+
+
+def _longest_holding_mix(name: str, held: A16Fallback, found: list[str], records, bundle: Path, aim,
+                         measure) -> tuple[int, ParityRecord | None]:
+    """Bisect the MAC mix of graph ``name`` (``held.macs``, in the sweep's order) for the longest prefix whose
+    bundle keeps ``aim``; that prefix stays in the bundle. Returns (its length, its parity), or (0, None) when no
+    prefix holds or the graph has no MAC mix (the caller then falls back to 16 bits)."""
+    low, high, kept, best = 1, len(held.macs) - 1, 0, None
+    last = None
+    while low <= high:
+        mid = (low + high + 1) // 2
+        records.graphs.update(back_off_mac_mix(records.graphs, bundle, name, held, mid, found))
+        last = mid, measure()
+        if failures(last[1].measured, aim):
+            high = mid - 1
+        else:
+            kept, best, low = mid, last[1], mid + 1
+    if kept and last[0] != kept:  # the winner is not in the bundle now: put it back
+        records.graphs.update(back_off_mac_mix(records.graphs, bundle, name, held, kept, found))
+        best = measure()
+    return kept, best

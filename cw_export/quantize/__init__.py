@@ -71,6 +71,9 @@ def get_backend(name: str):
     return importlib.import_module(BACKENDS[name])
 
 
+A8_MAC_ORDERS = ("margin", "macs")  # quantize.mixed.sweep: least harmful first, or most MACs per noise budget
+
+
 def check_settings(settings) -> None:
     """Reject recipe quantization settings no backend can honour, before any heavy work."""
     if settings.backend == "none":
@@ -96,6 +99,12 @@ def check_settings(settings) -> None:
                           f"must be one of {', '.join(LAYER_SWEEPS)}")
     if settings.a8_range not in A8_RANGES:
         raise RecipeError(f"[quantization] a8_range = {settings.a8_range!r}; must be one of {', '.join(A8_RANGES)}")
+    if settings.a8_mac_order not in A8_MAC_ORDERS:
+        raise RecipeError(f"[quantization] a8_mac_order = {settings.a8_mac_order!r}; "
+                          f"must be one of {', '.join(A8_MAC_ORDERS)}")
+    tolerance = settings.a8_gate_guidance_tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise RecipeError(f"[quantization] a8_gate_guidance_tolerance = {tolerance!r}; must be a number in [0, 1)")
     for name in ("calibration_prompts", "calibration_samples"):
         if getattr(settings, name) < 1:
             raise RecipeError(f"[quantization] {name} must be >= 1, got {getattr(settings, name)}")

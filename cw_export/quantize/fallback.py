@@ -4,7 +4,7 @@ while the gate measures, and put back in the bundle when it asks (cw_export.pari
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..contract.schema import GraphEntry, QuantRecord
@@ -36,6 +36,12 @@ class A16Fallback:
     file: Path
     encodings: list[Path]
     details: dict
+    macs: list[str] = field(default_factory=list)  # MAC sweep: its 8-bit MACs, in the sweep's order
+    donor: Path | None = None  # MAC sweep: the 8-bit QDQ graph whose scales the conversions take
+
+    def with_mac_mix(self, macs: list[str], donor: Path) -> "A16Fallback":
+        """This fallback, able to back the MAC mix ``macs`` (``donor``: the held 8-bit graph) off to a prefix."""
+        return replace(self, macs=list(macs), donor=donor)
 
 
 def _hold_graph(graph_dir: Path, name: str, folder: Path) -> Path:
@@ -56,6 +62,40 @@ def hold_a16(result, name: str, fallback_dir: Path) -> A16Fallback:
         for f in result.encodings.parent.glob(f"{name}.*"):
             encodings.append(Path(shutil.copy2(f, folder / f"encodings-{f.name}")))
     return A16Fallback(file, encodings, dict(result.details))
+
+
+def hold_a8_donor(result, name: str, fallback_dir: Path) -> Path:
+    """Copy the 8-bit graph a MAC mix converts from, so the parity gate can rebuild a shorter mix."""
+    return _hold_graph(result.file.parent, name, fallback_dir / f"{name}-a8")
+
+
+def back_off_mac_mix(entries: dict[str, GraphEntry], bundle: Path, name: str, held: A16Fallback, keep: int,
+                     failures: list[str]) -> dict[str, GraphEntry]:
+    """Put graph ``name`` in the bundle with only the first ``keep`` MACs of its sweep's mix at 8 bits (the sweep
+    ordered them by MACs per share of the noise budget, so a prefix keeps the most MACs for its noise); returns its
+    new entry. ``keep`` >= 1; 0 is ``apply_fallbacks``."""
+    import onnx
+
+    from .mixed import convert_macs
+
+    base = onnx.load(str(held.file), load_external_data=False)
+    donor = onnx.load(str(held.donor), load_external_data=False)
+    shorter = held.file.with_name(f"{name}.backoff.onnx")  # beside the a16 file: its external data resolves
+    onnx.save_model(convert_macs(base, donor, held.macs[:keep]), str(shorter))
+    external = move_graph(shorter, bundle / "graphs", name)
+    entry = entries[name]
+    quant = entry.quantization
+    first = quant.gate_fallback or {"precision": entry.precision, "reason": quant.reason,
+                                    "macs": len(held.macs)}
+    first = {**first, "gate_failures": list(failures), "kept_macs": keep}
+    sweep = dict(quant.sweep or {})
+    if "layers" in sweep:
+        sweep["layers"] = {**sweep["layers"], "a8_groups": held.macs[:keep]}
+    record = replace(quant, sweep=sweep, gate_fallback=first,
+                     reason=f"a8 in {keep} of the sweep's {len(held.macs)} 8-bit MACs, a16 elsewhere: the full mix "
+                            f"failed the bundle's parity gate ({'; '.join(failures)}), the gate kept the longest "
+                            f"prefix of the sweep's order that passes")
+    return {name: entry.with_quantization(entry.precision, record, external)}
 
 
 def apply_fallbacks(entries: dict[str, GraphEntry], bundle: Path, fallbacks: dict[str, A16Fallback],

@@ -12,8 +12,10 @@ block depth), or at MAC depth one Conv / MatMul / Gemm node run at 8 bits with c
 session per group and the manifest can say which layers run at 8 bits.
 
   1. sensitivity: for each group, SQNR of the 16-bit graph with only that group at 8 bits
-  2. order the groups from least to most harmful; the largest prefix whose merged graph keeps the SQNR floor wins
-     (binary search: SQNR falls, almost monotonically, as more groups go to 8 bits; the winner is re-measured)
+  2. order the groups from least to most harmful, or (``a8_mac_order = "macs"``) by MACs per share of the noise
+     budget each one spends alone (a knapsack's greedy order: the noise of independent 8-bit MACs adds up)
+  3. the largest prefix whose merged graph keeps the SQNR floor wins (binary search: SQNR falls, almost
+     monotonically, as more groups go to 8 bits; the winner is re-measured)
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def convertible_macs(base, donor) -> list[str]:
     return out
 
 
-def convert_macs(base, donor, macs: list[str]):
+def convert_macs(base, donor, macs: list[str], output_bits: int = 8):
     """A copy of ``base`` (16-bit QDQ) in which the MAC nodes ``macs`` run at 8 bits, as the QNN HTP runs mixed
     precision: each activation input is converted 16 -> 8 bits in front of the node (DequantizeLinear16 ->
     QuantizeLinear8 -> DequantizeLinear8, onnxruntime's QDQ form of a QNN Convert), its output is quantized at 8 bits
@@ -202,6 +204,8 @@ def convert_macs(base, donor, macs: list[str]):
                 converted[name] = requantize(name, eight_bit(tensor), q8, f"{name}_a8", f"{q8}_QuantizeLinear")
             node.input[index] = converted[name]
         new_nodes.append(node)
+        if output_bits == 16:  # the MAC reads 8 bits and writes its 16-bit output as before
+            continue
         output = node.output[0]
         rewire[output] = requantize(output, eight_bit(output), f"{output}_a8_QuantizeLinear_Output", f"{output}_a8",
                                     f"{output}_a8_QuantizeLinear")
@@ -295,20 +299,36 @@ class LayerSweep:
     numbers: dict = field(default_factory=dict)  # the chosen mixed graph's SQNR numbers
     evaluations: int = 0
     refused: dict = field(default_factory=dict)  # why a merged choice did not ship (its converted graph's numbers)
+    base_margin_db: float | None = None  # the all-16-bit graph's margin (MAC depth: the budget already spent)
 
     def as_dict(self) -> dict:
         ranked = sorted(self.margin_db.items(), key=lambda kv: kv[1])
         return {"granularity": self.depth, "groups": len(self.margin_db), "a8_groups": self.a8_groups,
                 "a8_tensors": len(self.a8_tensors), "mixed": self.numbers, "evaluations": self.evaluations,
                 "most_sensitive": [{"group": g, "a8_only_margin_db": round(m, 2)} for g, m in ranked[:8]],
+                **({"a16_margin_db": round(self.base_margin_db, 2)} if self.base_margin_db is not None else {}),
                 **({"refused": self.refused} if self.refused else {})}
 
 
+def mac_priority(margin_db: dict[str, float], base_margin_db: float, macs: dict[str, int]) -> dict[str, float]:
+    """MACs per share of the floors' noise budget of each group in ``macs``: a group whose graph keeps the floors
+    by ``margin_db[g]`` dB alone spends ``10**(-m/10)`` of the budget (noise power relative to the floor's), less
+    what the all-16-bit graph (``base_margin_db``) already spends. Ties and unknown MACs sort last."""
+    spent = 10.0 ** (-base_margin_db / 10.0)
+    out = {}
+    for group, count in macs.items():
+        cost = max(10.0 ** (-margin_db[group] / 10.0) - spent, 1e-9)
+        out[group] = count / cost
+    return out
+
+
 def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float, dict]],
-          depth: str = "block") -> tuple[LayerSweep, Path | None]:
+          depth: str = "block", order_by: str = "margin") -> tuple[LayerSweep, Path | None]:
     """Choose 8-bit groups for ``base_file`` (16-bit QDQ) from ``donor_file`` (8-bit QDQ of the same graph).
 
     ``score(path)`` gives a candidate graph file's margin in dB over the floors (>= 0 passes) and its numbers.
+    ``order_by`` "macs" orders MAC groups by ``mac_priority`` (measured on the built-in model: the longer mix it
+    proposes fails the bundle's gate, docs/quantization.md), "margin" least harmful first.
     Returns the sweep and the mixed graph file written beside ``base_file`` (None when no group can go to 8 bits).
     """
     import onnx
@@ -337,8 +357,17 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
 
     for name in groups:  # 1. one group at a time
         result.margin_db[name] = evaluate([name])[0]
-    order = sorted((g for g in groups if result.margin_db[g] >= 0), key=lambda g: -result.margin_db[g])
-    low, high, best = 1, len(order), 0  # 2. the largest prefix of ``order`` that keeps the floors
+    passing = [g for g in groups if result.margin_db[g] >= 0]
+    if depth == "mac" and order_by == "macs":  # 2. most MACs per unit of the floors' noise budget first
+        from ..bundle.flops import mac_counts
+
+        macs = mac_counts(base)
+        result.base_margin_db = evaluate([])[0]
+        priority = mac_priority(result.margin_db, result.base_margin_db, {g: macs.get(g, 0) for g in passing})
+        order = sorted(passing, key=lambda g: -priority[g])
+    else:  # 2. least harmful first
+        order = sorted(passing, key=lambda g: -result.margin_db[g])
+    low, high, best = 1, len(order), 0  # 3. the largest prefix of ``order`` that keeps the floors
     while low <= high:
         mid = (low + high) // 2
         margin, numbers = evaluate(order[:mid])

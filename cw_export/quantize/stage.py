@@ -18,7 +18,7 @@ from ..contract.schema import GraphEntry, QuantRecord
 from ..parity.measure import graph_sqnr
 from ..runtime.sessions import create_session, manifest_session_config
 from . import FP32_REASONS, GraphJob, get_backend, graphs_to_quantize, planned_bits
-from .fallback import A16Fallback, hold_a16, move_graph
+from .fallback import A16Fallback, hold_a16, hold_a8_donor, move_graph
 
 SWEEP_SAMPLES = 8  # calibration samples the a8 sensitivity sweep measures each candidate on
 SWEEP_UNITS = {"block": "block", "layer": "layer", "mac": "MAC group"}  # what the reason calls a sweep group
@@ -93,6 +93,8 @@ def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graph
                         sweep["layers"] = layers.as_dict()
                         if layers.a8_groups:
                             bits = "8+16"
+                            if held is not None and depth == "mac":  # the gate may keep a prefix of the mix
+                                held = held.with_mac_mix(layers.a8_groups, hold_a8_donor(trial, name, fallback_dir))
                             if held is not None:
                                 fallbacks[name] = held
                             unit = SWEEP_UNITS[depth]
@@ -177,7 +179,7 @@ def _layer_sweep(a16, a8, graph, data, config: dict, q, depth: str, mix=None):
         numbers = _a8_score(path, graph, data, config)
         return a8_margin(numbers, q), numbers
 
-    layers, mixed_file = sweep(a16.file, a8.file, score, depth=depth)
+    layers, mixed_file = sweep(a16.file, a8.file, score, depth=depth, order_by=q.a8_mac_order)
     if mixed_file is not None and mix is not None and depth != "mac":  # mac: converted as scored
         mixed = mix(a8_parameters(a8.file, layers.a8_tensors))
         margin, numbers = score(mixed.file)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 
 from cw_export.calibrate.collect import collect, settings_for
+from cw_export.contract.schema import GraphEntry, QuantRecord
 from cw_export.parity.measure import graph_sqnr
 from cw_export.quantize import GraphJob, get_backend
+from cw_export.quantize.fallback import A16Fallback, back_off_mac_mix
 from cw_export.quantize.mixed import (SIXTEEN_BIT, a8_parameters, activation_quantizers, convert_macs,
                                       convertible_macs, group_of, group_tensors, mac_inputs, merge_activations,
                                       merge_encodings, sixteen_bit_tensors, sweep)
@@ -110,6 +113,45 @@ def test_sweep_keeps_the_largest_prefix_of_least_harmful_groups(ort_pair):
     assert not ort_pair[0].file.with_name(ort_pair[0].file.stem + ".trial.onnx").exists()
 
 
+def eight_bit_macs(path) -> set[str]:
+    """The MAC nodes of a QDQ graph whose first input comes from a DequantizeLinear with an 8-bit zero point."""
+    model = onnx.load(str(path))
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+    found = set()
+    for node in model.graph.node:
+        dq = produced_by.get(node.input[0]) if node.op_type in ("Conv", "MatMul", "Gemm") else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and types.get(dq.input[2]) == onnx.TensorProto.UINT8:
+            found.add(node.name)
+    return found
+
+
+def test_mac_sweep_spends_the_noise_budget_on_the_most_macs(ort_pair):
+    """``a8_mac_order = "macs"`` orders MACs by MACs per share of the noise budget: with additive noise (a synthetic score), one large
+    MAC that spends 60% of the budget beats small ones that spend 15% each but hold a fifth of its MACs or less;
+    the least-harmful-first order would have taken six small ones and left the large one at 16 bits."""
+    from cw_export.bundle.flops import mac_counts
+
+    a16, a8 = (onnx.load(str(r.file)) for r in ort_pair)
+    macs = {m: mac_counts(a16)[m] for m in convertible_macs(a16, a8)}
+    big = max(macs, key=macs.get)
+    small = [m for m in macs if macs[m] * 5 <= macs[big]]
+    assert len(small) >= 7, macs
+    noise = {m: 0.6 if m == big else 0.15 if m in small else 10.0 for m in macs}  # share of the budget
+
+    def score(path):
+        spent = sum(noise[m] for m in eight_bit_macs(path))
+        margin = 100.0 if spent == 0 else -10 * math.log10(spent)
+        return margin, {"sqnr_db": 30.0 + margin}
+
+    result, mixed = sweep(ort_pair[0].file, ort_pair[1].file, score, depth="mac", order_by="macs")
+    assert big in result.a8_groups and len(result.a8_groups) == 3  # big + 2 small = 0.9 of the budget
+    assert set(result.a8_groups) <= {big, *small}
+    assert sum(macs[m] for m in result.a8_groups) > 6 * max(macs[m] for m in small)  # > any margin-first choice
+    assert eight_bit_macs(mixed) == set(result.a8_groups)
+    assert result.as_dict()["a16_margin_db"] == 100.0
+
+
 def test_converted_macs_run_at_8_bits_and_place_on_the_htp(ort_pair, low_res, tmp_path):
     """MAC granularity: every convertible Conv/MatMul/Gemm at 8 bits (conversions around it) makes 100% of the
     graph's MACs 8-bit by the bundle's own count (bundle.flops), leaves every existing 16-bit quantizer as it was,
@@ -144,6 +186,28 @@ def test_converted_macs_run_at_8_bits_and_place_on_the_htp(ort_pair, low_res, tm
     for f in (path, half):  # raises if a node falls back; app teams load with their runtime's default level (#20 A.9)
         for level in ("basic", "all"):
             create_session(f, provider="qnn-htp", config=session_config(level), precision="w8a8+16")
+
+
+def test_back_off_writes_the_prefix_and_records_it(ort_pair, tmp_path):
+    """The parity gate's MAC back-off (cw_export.parity.stage; its bisection: test_gate_backoff.py): the graph it puts in the bundle has exactly the prefix's MACs at 8 bits, and its entry says
+    how many of the sweep's MACs it kept and why."""
+    a16_result, a8_result = ort_pair
+    held_dir = tmp_path / "held"
+    held_dir.mkdir()
+    base = shutil.copy(a16_result.file, held_dir / "low_res.onnx")
+    donor = shutil.copy(a8_result.file, held_dir / "donor.onnx")
+    macs = convertible_macs(onnx.load(str(base)), onnx.load(str(donor)))[:6]
+    held = A16Fallback(held_dir / "low_res.onnx", [], {}).with_mac_mix(macs, held_dir / "donor.onnx")
+    (tmp_path / "bundle" / "graphs").mkdir(parents=True)
+    record = QuantRecord("ort", "8+16", 8, reason="a8 in 6 MAC groups", sweep={"layers": {"a8_groups": macs}})
+    entries = {"low_res": GraphEntry("low_res", "graphs/low_res.onnx", (), (), "w8a8+16", record)}
+    new = back_off_mac_mix(entries, tmp_path / "bundle", "low_res", held, 4, ["step 5: guidance ratio 1.06"])
+    assert eight_bit_macs(tmp_path / "bundle" / "graphs" / "low_res.onnx") == set(macs[:4])
+    quant = new["low_res"].quantization
+    assert quant.sweep["layers"]["a8_groups"] == macs[:4] and quant.activation_bits == "8+16"
+    assert quant.gate_fallback["kept_macs"] == 4 and quant.gate_fallback["macs"] == 6
+    assert quant.gate_fallback["reason"] == "a8 in 6 MAC groups" and "4 of the sweep's 6" in quant.reason
+    assert held.file.exists()  # still held: a later probe or the 16-bit fallback needs it
 
 
 def test_ort_mix_of_a_sweep_choice_places_on_the_htp(ort_pair, low_res, tmp_path):
