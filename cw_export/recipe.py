@@ -53,6 +53,8 @@ class QuantizationSection:
     a8_min_guidance_sqnr_db: float = 0.0  # ... and the SQNR of its outputs' cond - uncond difference >= this
     a8_layer_sweep: str = "off"  # off, block, layer or mac: a candidate that fails whole gets 8 bits per group
     a8_range: str = "minmax"  # how 8-bit activation ranges are set: minmax, or percentile (clips the rare outliers)
+    split_concat_convs: bool = False  # a Conv reading a channel Concat becomes one Conv per input (split shortcut,
+    # cw_export.quantize.split_concat): each input gets its own activation encoding; ort backend
     a8_mac_order: str = "margin"  # MAC sweep order: margin (least harmful first) or macs (most MACs per noise budget)
     a8_gate_guidance_tolerance: float = 0.0  # the parity gate backs a MAC mix off until the guidance ratio is within
     # 1 +/- this (tighter than [parity]'s tolerance: a margin for the QNN HTP's own numerics); 0: the gate's own

@@ -99,6 +99,11 @@ def check_settings(settings) -> None:
                           f"must be one of {', '.join(LAYER_SWEEPS)}")
     if settings.a8_range not in A8_RANGES:
         raise RecipeError(f"[quantization] a8_range = {settings.a8_range!r}; must be one of {', '.join(A8_RANGES)}")
+    if not isinstance(settings.split_concat_convs, bool):
+        raise RecipeError(f"[quantization] split_concat_convs = {settings.split_concat_convs!r}; must be true or false")
+    if settings.split_concat_convs and settings.backend != "ort":
+        raise RecipeError("[quantization] split_concat_convs needs backend = \"ort\" (the aimet backend quantizes the "
+                          "torch modules, not the ONNX graph it rewrites)")
     if settings.a8_mac_order not in A8_MAC_ORDERS:
         raise RecipeError(f"[quantization] a8_mac_order = {settings.a8_mac_order!r}; "
                           f"must be one of {', '.join(A8_MAC_ORDERS)}")

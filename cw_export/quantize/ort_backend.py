@@ -1,6 +1,7 @@
 """onnxruntime.quantization backend: static QDQ with onnxruntime's QNN configuration helper.
 
 Steps:
+  0. with ``split_concat_convs``: a Conv reading a channel Concat split per input (``split_concat``)
   1. ``qnn_preprocess_model``: the graph rewrites QNN expects (Erf sequence -> Gelu, ...)
   2. the ``time_features`` input (the sinusoidal timestep embedding, computed by the runtime) is quantized at 16 bits
      even in an 8-bit graph (TIME_FEATURES_BITS)
@@ -22,6 +23,7 @@ import numpy as np
 from ..onnx_index import default_opset
 from . import A8_PERCENTILE, TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
 from .qnn.htp_forms import apply_htp_forms_file
+from .split_concat import split_concat_convs
 
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the quantizer must write external data (protobuf 2 GB limit)
 PER_CHANNEL_LINEAR_OPS = {"MatMul": 1, "Gemm": None}  # weight input axis of output channels (Gemm: from transB)
@@ -192,9 +194,13 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     large = graph_bytes(job.fp32_onnx) > LARGE_MODEL_BYTES
     with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix=f"cw-ort-{job.name}-") as tmp:
         # 1. QNN graph rewrites (onnxruntime 1.32's preprocess fails on onnxsim's metadata_props: drop them first)
+        split: list[str] = []
+
         def load_source():
             source = onnx.load(str(job.fp32_onnx))
             del source.metadata_props[:]
+            if settings.split_concat_convs:  # before everything, so the 8- and 16-bit graphs name the same tensors
+                split[:] = split_concat_convs(source)
             return source
 
         pre = Path(tmp) / "pre.onnx"
@@ -245,7 +251,7 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         "float_masked_softmax_nodes": masked, "float_only_tensors": float_only,
         "time_features_bits": TIME_FEATURES_BITS if sixteen_bit else None,
         "per_channel_linear_weights": len(linear_weights), "uint8_layernorm_gammas": len(layernorm_gammas),
-        "htp_forms": forms,
+        "htp_forms": forms, **({"split_concat_convs": split} if split else {}),
         "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qdq.graph.node),
         "opset": default_opset(qdq),
     })
