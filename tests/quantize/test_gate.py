@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -242,6 +243,7 @@ def test_fallback_reverts_one_graph_at_a_time_worst_first(monkeypatch):
     from cw_export.bundle.writer import BuildRecords
     from cw_export.contract.schema import ParityRecord
     from cw_export.parity import stage
+    from cw_export.quantize.fallback import A16Fallback
 
     def run(low_res_breaks_alone: bool):
         at8 = {"low_res", "adaptor"}
@@ -263,10 +265,10 @@ def test_fallback_reverts_one_graph_at_a_time_worst_first(monkeypatch):
 
         monkeypatch.setattr(stage, "parity_stage", measure)
         monkeypatch.setattr(stage, "apply_fallbacks", fall_back)
-        recipe = SimpleNamespace(parity=THRESHOLDS)
+        recipe = SimpleNamespace(parity=THRESHOLDS, quantization=SimpleNamespace(a8_gate_guidance_tolerance=0.0))
         records = BuildRecords({}, {}, {})
-        parity = stage.gated_parity_stage(None, recipe, records, {}, {}, None, {}, {"low_res": 1, "adaptor": 2},
-                                          False)
+        held = {name: A16Fallback(Path(name), [], {}) for name in ("low_res", "adaptor")}  # whole graphs, no MAC mix
+        parity = stage.gated_parity_stage(None, recipe, records, {}, {}, None, {}, held, False)
         return reverted, parity.gate
 
     assert run(low_res_breaks_alone=True) == (["low_res"], {"passed": True, "failures": [], "allowed_by_flag": False})
