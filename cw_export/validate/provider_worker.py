@@ -4,7 +4,7 @@ The process reads its inputs from an ``.npz`` the parent wrote (key ``<sample in
 ``.npz`` of outputs per sample beside it, and reports on ``events`` (a multiprocessing queue):
   ("ready", graph, seconds to create the session)
   ("sample", graph, index, seconds of that run)
-  ("done", graph, peak RSS of this process in bytes)
+  ("done", graph, peak RSS of this process in bytes, or None where /proc cannot tell)
   ("error", graph, one-line message)
 A crash (the emulated HTP has segfaulted on graphs it mis-compiled, docs/qnn_htp.md) reports nothing: the parent sees
 the exit code. Only numpy, onnxruntime and the runtime are imported here, so a process starts in about a second.
@@ -12,7 +12,6 @@ the exit code. Only numpy, onnxruntime and the runtime are imported here, so a p
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -23,6 +22,18 @@ def input_key(index: int, name: str) -> str:
 
 def output_path(folder: Path, graph: str, index: int) -> Path:
     return folder / f"{graph}.out.{index:05d}.npz"
+
+
+def peak_rss_bytes() -> int | None:
+    """VmHWM of this process (ru_maxrss would report the parent's size: Linux carries it across fork and exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def run_graph(bundle: str, graph: str, inputs: str, provider: str, threads: int, events) -> None:
@@ -50,7 +61,7 @@ def run_graph(bundle: str, graph: str, inputs: str, provider: str, threads: int,
             seconds = time.perf_counter() - start
             np.savez(output_path(Path(inputs).parent, graph, index), **dict(zip(names, outputs)))
             events.put(("sample", graph, index, seconds))
-        events.put(("done", graph, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        events.put(("done", graph, peak_rss_bytes()))
     except CwExportError as exc:
         events.put(("error", graph, str(exc)))
     except Exception as exc:  # noqa: BLE001 - anything onnxruntime raises becomes the graph's one-line failure

@@ -6,8 +6,8 @@ one runs N graph calls per graph:
   1. the gate's inputs, regenerated: the FP32 torch trajectories of the recorded held-out prompts and seeds, which is
      what ``parity.measure`` feeds every graph (text encoder: the prompts' token ids; VAE decoder: the FP32 final
      latents). They are deterministic (torch on the CPU, seeded noise). N (prompt, step) pairs are kept per graph
-     (``calibrate.collect.stratified_selection``: spread over the steps where the graph runs, then over prompts);
-     with fewer pairs than N, all of them.
+     (``spread_pairs``: spread over the steps where the graph runs, then over prompts); with fewer pairs than N,
+     all of them.
   2. on those inputs: the FP32 outputs (from the trajectory) and the CPU EP's (the bundle's graph)
   3. the provider's outputs, each graph in its own process, ``workers`` at a time (``provider_worker``)
   4. per graph: SQNR vs FP32 pooled over the samples (the gate's definition, checked against the gate's
@@ -29,14 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibrate.collect import graph_feeds, graph_outputs, graph_steps, stratified_selection, unit_noise
+from ..calibrate.collect import graph_feeds, graph_outputs, graph_steps, unit_noise
 from ..parity.measure import PooledSqnr, sqnr_db
 from .check import Check
 
 # Peak RSS of one worker process, estimated from its graph's file size (ONNX + external data): measured on the
 # built-in main job's graphs on the emulated HTP (docs/qnn_htp.md "Sampled check"), rounded up with margin.
-WORKER_BASE_BYTES = 768 << 20
-WORKER_BYTES_PER_GRAPH_BYTE = 12
+# (227-235 MB for the 0.1-0.5 MB graphs, 279 MB for the 1.9 MB low_res: ~27 bytes per graph byte above the base).
+# Not measured on large graphs: on a 512x512 SD 1.5 bundle this estimate is an assumption (--workers overrides it).
+WORKER_BASE_BYTES = 384 << 20
+WORKER_BYTES_PER_GRAPH_BYTE = 32
 NOT_MEASURED = ("per-step latent PSNR", "guidance ratio", "final latent PSNR", "image parity")
 
 
@@ -63,7 +65,28 @@ class GraphRun:
     session_s: float | None = None
     seconds: dict[int, float] = field(default_factory=dict)
     peak_rss: int | None = None
+    done: bool = False
     error: str | None = None
+
+
+def spread_pairs(num_prompts: int, steps: list[int], n: int) -> set[tuple[int, int]]:
+    """``n`` (prompt, step) pairs of ``steps`` x prompts: every step an equal share, the remainder on steps spread
+    evenly from the first to the last (4 of 8 steps: 0, 2, 4, 7, so that with clock 2 a graph of every step is
+    seen on full and clocked steps), and the prompts spread within a step and rotated from one kept step to the
+    next (4 of 8 steps, 4 prompts: prompts 0, 1, 2, 3); all pairs when there are no more than ``n``."""
+    if n >= num_prompts * len(steps):
+        return {(p, s) for p in range(num_prompts) for s in steps}
+    base, extra = divmod(n, len(steps))
+    last = len(steps) - 1
+    bonus = {0} if extra == 1 else {i * last // (extra - 1) for i in range(extra)}
+    keep, kept_steps = set(), 0
+    for j, step in enumerate(steps):
+        quota = base + (1 if j in bonus else 0)
+        if quota == 0:
+            continue
+        keep.update(((k * num_prompts // quota + kept_steps) % num_prompts, step) for k in range(quota))
+        kept_steps += 1
+    return keep
 
 
 def gate_inputs(manifest: dict, fp32_graphs: dict, tokenize, prompts: list[str], seed: int, graphs: list[str],
@@ -75,8 +98,8 @@ def gate_inputs(manifest: dict, fp32_graphs: dict, tokenize, prompts: list[str],
     text, decode = wiring["text"], wiring["decode"]
     schedule = manifest["schedule"]
     in_loop = graph_steps(manifest, schedule["steps"], schedule["clock"])
-    keep = {g: stratified_selection(len(prompts), in_loop[g], n) for g in graphs if g in in_loop}
-    per_prompt = {p for p, _ in stratified_selection(len(prompts), [0], n)}
+    keep = {g: spread_pairs(len(prompts), in_loop[g], n) for g in graphs if g in in_loop}
+    per_prompt = {p for p, _ in spread_pairs(len(prompts), [0], n)}
     runner = BundleRunner.from_sessions(manifest, fp32_graphs)
     samples: dict[str, list[Sample]] = {g: [] for g in graphs}
 
@@ -159,7 +182,7 @@ def run_workers(bundle: Path, inputs: dict[str, Path], counts: dict[str, int], p
             run.seconds[event[2]] = event[3]
             bar.update(1)
         elif kind == "done":
-            run.peak_rss = event[2]
+            run.peak_rss, run.done = event[2], True
         elif kind == "error":
             run.error = event[2]
             bar.update(counts[graph] - len(run.seconds))
@@ -187,7 +210,7 @@ def run_workers(bundle: Path, inputs: dict[str, Path], counts: dict[str, int], p
                     except queue.Empty:
                         break
                 run = runs[graph]
-                if run.error is None and run.peak_rss is None:
+                if run.error is None and not run.done:
                     run.error = (f"worker process exited with code {process.exitcode} after "
                                  f"{len(run.seconds)} of {counts[graph]} samples (the {provider} session crashed)")
                     bar.update(counts[graph] - len(run.seconds))

@@ -155,3 +155,16 @@ def test_sampled_check_catches_a_perturbed_low_res_weight(htp_bundle, tmp_path, 
     assert lines["sampled qnn-htp check"].startswith("FAIL 1 graph(s) fail on qnn-htp: low_res")
     for graph in QUANTIZED - {"low_res"}:  # only the broken graph fails
         assert lines[f"{graph} on qnn-htp (2 samples)"].startswith("PASS"), lines
+
+
+def test_samples_spread_over_steps_then_prompts():
+    from cw_export.validate.sampled import spread_pairs
+
+    # 4 of 8 steps (clock 2): first to last, so full (0, 2, 4) and clocked (7) steps; one prompt each
+    assert sorted(spread_pairs(4, list(range(8)), 4), key=lambda p: p[1]) == [(0, 0), (1, 2), (2, 4), (3, 7)]
+    assert spread_pairs(4, list(range(8)), 2) == {(0, 0), (1, 7)}
+    assert sorted(spread_pairs(4, [0, 2, 4, 6], 8)) == sorted({(0, 0), (2, 0), (1, 2), (3, 2), (2, 4), (0, 4),
+                                                                (3, 6), (1, 6)})
+    assert spread_pairs(4, [0], 2) == {(0, 0), (2, 0)}  # text encoder / VAE: prompts spread
+    assert spread_pairs(2, [0, 1], 9) == {(0, 0), (1, 0), (0, 1), (1, 1)}  # fewer pairs than N: all of them
+    assert len(spread_pairs(4, list(range(8)), 31)) == 31
