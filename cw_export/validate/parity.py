@@ -34,7 +34,11 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: b
     if "parity" in manifest and sampled is not None:  # each quantized graph on N of the gate's inputs
         from .sampled import sampled_parity_checks
 
-        return sampled_parity_checks(bundle, manifest, model, provider, sampled.samples, sampled.workers,
+        graphs = reference_graphs(manifest, model)
+        if isinstance(graphs, str):
+            skipped = graphs.startswith("skipped")
+            return [Check("sampled parity" if skipped else "session options", skipped, graphs)]
+        return sampled_parity_checks(bundle, manifest, model, graphs, provider, sampled.samples, sampled.workers,
                                      sampled.json_out, sampled.progress)
     if "parity" in manifest:  # quantized bundle: re-measure its recorded numbers, re-check its gate
         return quantized_parity_checks(bundle, manifest, model, provider, record)

@@ -297,20 +297,17 @@ def write_json(path: Path, report: dict) -> None:
     os.replace(tmp, path)
 
 
-def sampled_parity_checks(bundle: Path, manifest: dict, model, provider: str, n: int, workers: int | None = None,
-                          json_out: Path | None = None, progress: bool = True) -> list[Check]:
-    """The sampled check of every quantized graph on ``provider`` (module docstring); one Check per graph and one
-    summary, which names what this mode does not measure."""
+def sampled_parity_checks(bundle: Path, manifest: dict, model, fp32_graphs: dict, provider: str, n: int,
+                          workers: int | None = None, json_out: Path | None = None,
+                          progress: bool = True) -> list[Check]:
+    """The sampled check of every quantized graph on ``provider`` against ``fp32_graphs`` (the FP32 torch graphs,
+    ``validate.parity.reference_graphs``; module docstring); one Check per graph and one summary, which names what
+    this mode does not measure."""
     from ..calibrate.stage import tokenizer_fn
     from ..runtime.sessions import bundle_session
-    from .parity import reference_graphs
 
     started = time.perf_counter()
     recorded = manifest["parity"]
-    fp32_graphs = reference_graphs(manifest, model)
-    if isinstance(fp32_graphs, str):
-        skipped = fp32_graphs.startswith("skipped")
-        return [Check("sampled parity" if skipped else "session options", skipped, fp32_graphs)]
     graphs = sorted(recorded["graphs"])
     minimum = recorded["thresholds"].get("graph_min_sqnr_db", 0)
     samples = gate_inputs(manifest, fp32_graphs, tokenizer_fn(model), recorded["prompts"], recorded["seeds"][0],
