@@ -2,7 +2,8 @@
 all problems at once:
   integrity  sha256 of every file, ONNX checker, graph I/O vs the manifest, wiring (``integrity``)
   lint       AIMET encodings vs ONNX tensors, QDQ pairs, bit widths, opsets, context binaries (``lint``)
-  parity     re-measured against the source model when it is reachable (``parity``)
+  parity     re-measured against the source model when it is reachable (``parity``); with ``--sample N`` on another
+             provider, each quantized graph there on N of the gate's inputs instead (``sampled``)
 """
 
 from __future__ import annotations

@@ -62,6 +62,8 @@ def run_graph(bundle: str, graph: str, inputs: str, provider: str, threads: int,
             np.savez(output_path(Path(inputs).parent, graph, index), **dict(zip(names, outputs)))
             events.put(("sample", graph, index, seconds))
         events.put(("done", graph, peak_rss_bytes()))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it, once
+        return
     except CwExportError as exc:
         events.put(("error", graph, str(exc)))
     except Exception as exc:  # noqa: BLE001 - anything onnxruntime raises becomes the graph's one-line failure
