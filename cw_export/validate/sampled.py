@@ -157,8 +157,8 @@ def default_workers(bundle: Path, manifest: dict, graphs: list[str]) -> int:
 
 def run_workers(bundle: Path, inputs: dict[str, Path], counts: dict[str, int], provider: str, workers: int,
                 progress: bool = True) -> dict[str, GraphRun]:
-    """Run each graph of ``inputs`` (largest first) in its own process, ``workers`` at a time; a progress bar
-    (samples done, ETA) on a terminal."""
+    """Run each graph of ``inputs`` (largest input file first) in its own process, ``workers`` at a time; a
+    progress bar (samples done, the running graphs, ETA) on a terminal."""
     import multiprocessing
 
     from ..progress import progress_bar
@@ -212,7 +212,9 @@ def run_workers(bundle: Path, inputs: dict[str, Path], counts: dict[str, int], p
                 run = runs[graph]
                 if run.error is None and not run.done:
                     run.error = (f"worker process exited with code {process.exitcode} after "
-                                 f"{len(run.seconds)} of {counts[graph]} samples (the {provider} session crashed)")
+                                 f"{len(run.seconds)} of {counts[graph]} samples on {provider} (a negative code is "
+                                 "the signal that ended it: -11 a segmentation fault, -9 e.g. the out-of-memory "
+                                 "killer)")
                     bar.update(counts[graph] - len(run.seconds))
                 del running[graph]
                 bar.set_postfix_str(", ".join(running))
