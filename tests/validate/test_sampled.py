@@ -161,3 +161,14 @@ def test_sampled_check_catches_a_perturbed_low_res_weight(htp_bundle, tmp_path, 
     for graph in QUANTIZED - {"low_res"}:  # only the broken graph fails
         assert lines[f"{graph} on qnn-htp (4 samples)"].startswith("PASS"), lines
         assert broken[graph]["passed"]
+
+
+@needs_htp
+@pytest.mark.slow  # the built-in bundle fixture
+def test_a_failing_worker_fails_its_graph_with_one_line(htp_bundle, tmp_path):
+    from cw_export.validate.sampled import run_workers
+
+    inputs = tmp_path / "nope.in.npz"
+    np.savez(inputs, **{"00000/input_ids": np.zeros((2, 77), np.int64)})
+    runs = run_workers(htp_bundle, {"nope": inputs}, {"nope": 1}, "qnn-htp", 1, progress=False)
+    assert runs["nope"].error == "KeyError: 'nope'" and not runs["nope"].done
