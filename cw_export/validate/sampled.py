@@ -90,8 +90,9 @@ def spread_pairs(num_prompts: int, steps: list[int], n: int) -> set[tuple[int, i
 
 
 def gate_inputs(manifest: dict, fp32_graphs: dict, tokenize, prompts: list[str], seed: int, graphs: list[str],
-                n: int) -> dict[str, list[Sample]]:
+                n: int, progress: bool = False) -> dict[str, list[Sample]]:
     """N of the inputs ``parity.measure`` fed each of ``graphs``, regenerated from the FP32 torch trajectories."""
+    from ..progress import progress_bar
     from ..runtime.pipeline import BundleRunner
 
     wiring = manifest["wiring"]
@@ -107,7 +108,7 @@ def gate_inputs(manifest: dict, fp32_graphs: dict, tokenize, prompts: list[str],
         reference = fp32_graphs[graph]
         return Sample(k, None, None, feeds, dict(zip(reference.output_names, reference.run(None, feeds))))
 
-    for k, prompt in enumerate(prompts):
+    for k, prompt in enumerate(progress_bar(prompts, enabled=progress, desc="FP32 trajectories", unit="prompt")):
         ids = tokenize(prompt)
         if text["graph"] in samples and k in per_prompt:
             samples[text["graph"]].append(fp32_sample(text["graph"], k, {text["input"]: ids}))
@@ -313,7 +314,7 @@ def sampled_parity_checks(bundle: Path, manifest: dict, model, fp32_graphs: dict
     graphs = sorted(recorded["graphs"])
     minimum = recorded["thresholds"].get("graph_min_sqnr_db", 0)
     samples = gate_inputs(manifest, fp32_graphs, tokenizer_fn(model), recorded["prompts"], recorded["seeds"][0],
-                          graphs, n)
+                          graphs, n, progress)
     cpu_out = {}
     for graph in graphs:  # the CPU EP on the same inputs (seconds, beside the provider's minutes)
         session = bundle_session(bundle, manifest, graph, "cpu")
