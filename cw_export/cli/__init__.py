@@ -175,6 +175,17 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record", action="store_true", help="with --provider qnn-htp: write the numbers measured "
                         "there into the manifest (parity_by_provider) beside the CPU ones, and refresh the bundle's "
                         "hand-off README.md")
+    parser.add_argument("--sample", type=_int_at_least("--sample", 1), metavar="N", help="with --provider qnn-htp: "
+                        "instead of the whole gate trajectory, run each quantized graph on N of the inputs the "
+                        "parity gate measured it on (regenerated from the FP32 trajectories) and compare per graph "
+                        "with the CPU EP and FP32 torch, gated on the gate's per-graph SQNR threshold; trajectory "
+                        "numbers are not measured in this mode (docs/qnn_htp.md)")
+    parser.add_argument("--workers", type=_int_at_least("--workers", 1), metavar="N", help="with --sample: graphs "
+                        "run in parallel worker processes, N at a time (default: as many as cores and available "
+                        "memory allow)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="with --sample: write the per-graph and "
+                        "per-sample numbers to OUT")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 

@@ -50,7 +50,7 @@ def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
     return _db(float(np.sum(reference**2)), float(np.sum((actual.astype(np.float64) - reference) ** 2)))
 
 
-class _Pooled:
+class PooledSqnr:
     """Signal and noise power pooled over samples, per output."""
 
     def __init__(self) -> None:
@@ -88,7 +88,7 @@ class _Pooled:
 
 def graph_sqnr(session, reference, samples) -> dict:
     """SQNR of ``session`` (quantized ORT) vs ``reference`` (FP32 TorchGraph) over an iterable of feeds."""
-    pooled = _Pooled()
+    pooled = PooledSqnr()
     for feeds in samples:
         pooled.add_run(reference, session, feeds)
     return pooled.result()
@@ -188,7 +188,7 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, tokenize: Callab
         raise ValueError(f"unknown prompt aggregate {aggregate!r}; valid: {sorted(AGGREGATES)}")
     reference_runner = BundleRunner.from_sessions(manifest, fp32_graphs)
     quantized_runner = BundleRunner.from_sessions(manifest, {**fp32_graphs, **quantized})
-    pooled = {graph: _Pooled() for graph in quantized}
+    pooled = {graph: PooledSqnr() for graph in quantized}
     steps = manifest["schedule"]["steps"]
     latent_mse = np.zeros((len(prompts), steps))
     latent_peak = np.zeros((len(prompts), steps))

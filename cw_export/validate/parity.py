@@ -13,10 +13,12 @@ from ..models.source import source_model_reachable, source_model_spec
 from ..runtime.noise import seeded_noise
 from .check import Check
 
-def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: bool = False) -> list[Check]:
+def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: bool = False,
+                  sampled=None) -> list[Check]:
     """Re-measure FP32 trajectory parity against the source model (runtime vs torch reference, same noise); on
     ``provider`` other than cpu, a quantized bundle's parity is measured on that provider (recorded in the manifest
-    with ``record``)."""
+    with ``record``); ``sampled`` (a ``validate.SampledOptions``): each quantized graph on N of the gate's inputs
+    there instead (``validate.sampled``)."""
     import torch
 
     from ..models.pipeline import load_model
@@ -29,6 +31,15 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: b
     model = load_model(source_model_spec(manifest))
     if model.source.get("sha256") != source.get("sha256"):
         return [Check("source model hash", False, "source model changed since the bundle was built")]
+    if "parity" in manifest and sampled is not None:  # each quantized graph on N of the gate's inputs
+        from .sampled import sampled_parity_checks
+
+        graphs = reference_graphs(manifest, model)
+        if isinstance(graphs, str):
+            skipped = graphs.startswith("skipped")
+            return [Check("sampled parity" if skipped else "session options", skipped, graphs)]
+        return sampled_parity_checks(bundle, manifest, model, graphs, provider, sampled.samples, sampled.workers,
+                                     sampled.json_out, sampled.progress)
     if "parity" in manifest:  # quantized bundle: re-measure its recorded numbers, re-check its gate
         return quantized_parity_checks(bundle, manifest, model, provider, record)
     runner = BundleRunner(bundle, provider=provider, verify=False)
@@ -83,14 +94,12 @@ def record_provider_parity(bundle: Path, provider: str, numbers: dict, found: li
     refresh_handoff(bundle, manifest)
 
 
-def measure_on_provider(bundle: Path, manifest: dict, model, provider: str = "cpu") -> dict | str:
-    """The bundle's parity numbers (``parity.measure``: same held-out prompts, seeds and session options as
-    recorded) with its quantized graphs on ``provider``; a string says why they cannot be measured."""
-    from ..parity.measure import measure
-    from ..parity.stage import image_references
-    from ..calibrate.stage import tokenizer_fn
+def reference_graphs(manifest: dict, model) -> dict | str:
+    """The FP32 torch graphs a quantized bundle's parity is measured against (``torch_graphs``); a string says why
+    they cannot be built (a learned adaptor whose FP32 weights are unknown, session options that differ from the
+    ones parity was measured with)."""
     from ..export.torch_graphs import torch_graphs
-    from ..runtime.sessions import bundle_session, manifest_session_config
+    from ..runtime.sessions import manifest_session_config
 
     recorded = manifest["parity"]
     adaptor_state = None
@@ -102,7 +111,21 @@ def measure_on_provider(bundle: Path, manifest: dict, model, provider: str = "cp
     config = manifest_session_config(manifest)
     if config != recorded["session_options"]:
         return f"manifest session_options {config} != parity's {recorded['session_options']}"
-    graphs = torch_graphs(model, manifest, adaptor_state)
+    return torch_graphs(model, manifest, adaptor_state)
+
+
+def measure_on_provider(bundle: Path, manifest: dict, model, provider: str = "cpu") -> dict | str:
+    """The bundle's parity numbers (``parity.measure``: same held-out prompts, seeds and session options as
+    recorded) with its quantized graphs on ``provider``; a string says why they cannot be measured."""
+    from ..parity.measure import measure
+    from ..parity.stage import image_references
+    from ..calibrate.stage import tokenizer_fn
+    from ..runtime.sessions import bundle_session
+
+    recorded = manifest["parity"]
+    graphs = reference_graphs(manifest, model)
+    if isinstance(graphs, str):
+        return graphs
     sessions = {name: bundle_session(bundle, manifest, name, provider) for name in recorded["graphs"]}
     images = image_references(model, manifest, bundle, provider) if "image" in recorded else None
     return measure(manifest, graphs, sessions, tokenizer_fn(model), recorded["prompts"], recorded["seeds"][0],
