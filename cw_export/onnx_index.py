@@ -20,6 +20,24 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
+def tensor_shapes(graph: onnx.GraphProto, initializers: bool = True) -> dict[str, list[int]]:
+    """Tensor name -> its dims as the graph annotates them (inputs, outputs, value_info and, with ``initializers``,
+    weights), -1 where a dim is symbolic or unknown. Run on an ``onnx.shape_inference`` result to see every tensor."""
+    shapes = {}
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+    if initializers:
+        for init in graph.initializer:
+            shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def inferred_shapes(model: onnx.ModelProto, initializers: bool = True) -> dict[str, list[int]]:
+    """``tensor_shapes`` of ``model`` after onnx shape inference (on the structure; weights are not needed)."""
+    return tensor_shapes(onnx.shape_inference.infer_shapes(model).graph, initializers)
+
+
 def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` (in place) with its ``value_info`` inferred anew from the graph as it is now, strictly.
 

@@ -174,16 +174,6 @@ def per_block_costs(unet, latent_hw: tuple[int, int]) -> dict[str, GraphCost]:
 
 
 # --- ONNX side ----------------------------------------------------------------------------------------------------
-def _shapes(graph) -> dict[str, list[int]]:
-    shapes = {}
-    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
-    for init in graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
-
-
 def _constants(graph) -> set[str]:
     """Tensors computable from initializers alone (weights, also through folded-away Transpose/Reshape/Cast)."""
     constant = {init.name for init in graph.initializer}
@@ -265,13 +255,15 @@ def _inferred(model):
     inference fills them in."""
     import onnx
 
+    from ..onnx_index import tensor_shapes
+
     graph = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
-    shapes = _shapes(graph)
+    shapes = tensor_shapes(graph)
     if not _counted_nodes_known(graph, shapes):
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         graph = SymbolicShapeInference.infer_shapes(model, auto_merge=True).graph
-        shapes = _shapes(graph)
+        shapes = tensor_shapes(graph)
     return graph, shapes
 
 

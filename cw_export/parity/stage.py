@@ -85,10 +85,9 @@ def gated_parity_stage(model, recipe, records, graphs: dict, placed: dict[str, P
         parity = parity.with_gate(gate(parity.measured, recipe.parity, allow_low_parity))
     remaining = dict(a16_held)
     aim = backoff_thresholds(recipe)
-    while remaining and failures(parity.measured, aim):
+    while remaining and (found := failures(parity.measured, aim)):
         worst = min(remaining, key=lambda name: parity.graphs[name]["sqnr_db"])
         held = remaining.pop(worst)
-        found = failures(parity.measured, aim)
         kept, shorter = _longest_holding_mix(worst, held, found, records, bundle, aim, lambda: measured(True))
         if kept:
             parity = shorter

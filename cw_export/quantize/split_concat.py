@@ -15,21 +15,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_index import consumers, producers
+from ..onnx_index import consumers, inferred_shapes, producers
 
 
 def _channels(model: onnx.ModelProto) -> dict[str, int]:
     """Channel count (dim 1) of every tensor whose shape inference gives one."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = info.type.tensor_type.shape.dim
-        if len(dims) >= 2 and dims[1].HasField("dim_value"):
-            out[info.name] = dims[1].dim_value
-    for init in inferred.graph.initializer:
-        if len(init.dims) >= 2:
-            out[init.name] = init.dims[1]
-    return out
+    return {name: dims[1] for name, dims in inferred_shapes(model).items() if len(dims) >= 2 and dims[1] >= 0}
 
 
 def _attribute(node, name: str, default):

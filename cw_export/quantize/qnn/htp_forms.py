@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ...onnx_index import consumers, producers
+from ...onnx_index import consumers, inferred_shapes, producers
 
 
 def per_tensor_layernorm_betas(model: onnx.ModelProto, base_dir: str = "") -> int:
@@ -48,13 +48,8 @@ def per_tensor_layernorm_betas(model: onnx.ModelProto, base_dir: str = "") -> in
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Static shapes of the graph's tensors (shape inference on the structure; weights are not needed)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = info.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[info.name] = [d.dim_value for d in dims]
-    return shapes
+    return {name: dims for name, dims in inferred_shapes(model, initializers=False).items()
+            if dims and all(d >= 0 for d in dims)}
 
 
 def reshape_quantized_silus(model: onnx.ModelProto) -> int:
