@@ -103,8 +103,13 @@ class Recipe:
         return dataclasses.replace(self, build=dataclasses.replace(self.build, **changes))
 
     def with_quantization(self, **overrides) -> "Recipe":
-        """A copy with quantization overrides from the CLI (None values mean 'keep the recipe's value')."""
+        """A copy with quantization overrides from the CLI (None values mean 'keep the recipe's value'). A backend
+        other than ort drops the recipe's ``split_concat_convs`` unless it is given too: that rewrite is of the ONNX
+        graph the ort backend quantizes (the aimet backend quantizes torch modules; the manifest records the
+        settings used)."""
         changes = {k: v for k, v in overrides.items() if v is not None}
+        if changes.get("backend", "ort") != "ort" and "split_concat_convs" not in changes:
+            changes["split_concat_convs"] = False
         return dataclasses.replace(self, quantization=dataclasses.replace(self.quantization, **changes))
 
     def with_parity(self, **overrides) -> "Recipe":

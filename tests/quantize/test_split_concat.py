@@ -128,3 +128,22 @@ def test_the_recipe_setting_is_checked():
         check_settings(dataclasses.replace(q, split_concat_convs="yes"))
     with pytest.raises(RecipeError, match="backend"):
         check_settings(dataclasses.replace(q, split_concat_convs=True, backend="aimet"))
+
+
+def test_the_aimet_backend_flag_builds_the_main_target_without_the_ort_rewrite():
+    """The main target asks for the split shortcut; ``--quant-backend aimet`` (with_quantization) drops it rather
+    than failing, and an explicit request beside it is still refused by the check."""
+    import pytest
+
+    from cw_export.errors import RecipeError
+    from cw_export.quantize import check_settings
+    from cw_export.recipe import load_recipe
+
+    recipe = load_recipe("snapdragon-int8")
+    assert recipe.quantization.split_concat_convs is True
+    aimet = recipe.with_quantization(backend="aimet").quantization
+    assert aimet.split_concat_convs is False and aimet.backend == "aimet"
+    check_settings(aimet)
+    assert recipe.with_quantization(backend="ort").quantization.split_concat_convs is True
+    with pytest.raises(RecipeError, match="backend"):
+        check_settings(recipe.with_quantization(backend="aimet", split_concat_convs=True).quantization)
