@@ -33,9 +33,46 @@ def tensor_shapes(graph: onnx.GraphProto, initializers: bool = True) -> dict[str
     return shapes
 
 
+WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                onnx.TensorProto.DOUBLE)
+STUB_MIN_ELEMENTS = 1024  # float initializers this large are weights, never a shape-computing constant
+
+
+def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose float weights keep their name, type and dims but no values.
+
+    onnx shape inference serialises the whole model first, and a protobuf message cannot exceed 2 GB: SD 1.5's
+    low_res graph with its weights in memory (3.3 GB) failed there ("Failed to serialize proto"). Inference needs
+    the weights' dims only; integer initializers (Reshape shapes and the like) keep their values."""
+    light = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field).extend(getattr(source, field))
+    for init in source.initializer:
+        elements = 1
+        for d in init.dims:
+            elements *= d
+        if init.data_type in WEIGHT_TYPES and elements >= STUB_MIN_ELEMENTS:
+            # dims and type only, as a graph input: an initializer with dims but no data fails onnx's checks
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            graph.initializer.append(init)
+    return light
+
+
 def inferred_shapes(model: onnx.ModelProto, initializers: bool = True) -> dict[str, list[int]]:
-    """``tensor_shapes`` of ``model`` after onnx shape inference (on the structure; weights are not needed)."""
-    return tensor_shapes(onnx.shape_inference.infer_shapes(model).graph, initializers)
+    """``tensor_shapes`` of ``model`` after onnx shape inference, run on ``structure_only(model)`` (any size of
+    weights; their dims come from the original's initializers)."""
+    shapes = tensor_shapes(onnx.shape_inference.infer_shapes(structure_only(model)).graph, initializers=False)
+    if initializers:
+        shapes.update({init.name: list(init.dims) for init in model.graph.initializer})
+    else:
+        names = {init.name for init in model.graph.initializer}
+        shapes = {name: dims for name, dims in shapes.items() if name not in names}
+    return shapes
 
 
 def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
