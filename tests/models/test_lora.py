@@ -180,3 +180,42 @@ def test_bad_loras_are_refused_with_exit_2_and_nothing_written(lora, tmp_path, c
                    "unet.no_such_block.attn1.to_q.lora.up.weight": torch.zeros(8, 4)}, str(tmp_path / "x.safetensors"))
     assert_user_error(cw("--target", "cpu-fp32", "--out", out, "--quiet", *flags), fragment)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b")]
+
+
+def to_kohya(diffusers_file: Path, out: Path, rank: int = 4) -> Path:
+    """The same LoRA under kohya's key names (lora_unet_* / lora_te_*, lora_down/lora_up, one alpha per layer)."""
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    kohya = {}
+    for key, tensor in load_file(str(diffusers_file)).items():
+        component, rest = key.split(".", 1)
+        layer, kind = rest.rsplit(".lora", 1)[0], ("down" if ".down." in rest else "up")
+        layer = layer.removesuffix(".lora_linear_layer")
+        prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
+        name = prefix + layer.replace(".", "_")
+        kohya[f"{name}.lora_{kind}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(kohya, str(out))
+    return out
+
+
+def test_a_kohya_lora_fuses_like_the_same_lora_in_diffusers_format(lora, tmp_path):
+    import torch
+
+    from cw_export.models.lora import LoraSpec, check_loras, fuse_loras
+    from cw_export.models.pipeline import load_model
+
+    kohya = to_kohya(lora, tmp_path / "kohya.safetensors")
+    fused = {}
+    for name, path in (("diffusers", lora), ("kohya", kohya)):
+        model = fuse_loras(load_model("builtin"), check_loras((LoraSpec(path, 0.5),)))
+        fused[name] = {f"{c}.{k}": v for c in ("unet", "text_encoder")
+                       for k, v in getattr(model, c).state_dict().items()}
+    base = load_model("builtin")
+    changed = [k for k, v in fused["diffusers"].items()
+               if not torch.equal(v, getattr(base, k.split(".", 1)[0]).state_dict()[k.split(".", 1)[1]])]
+    assert any(k.startswith("unet.") for k in changed) and any(k.startswith("text_encoder.") for k in changed)
+    assert fused["diffusers"].keys() == fused["kohya"].keys()
+    for key in fused["diffusers"]:
+        torch.testing.assert_close(fused["kohya"][key], fused["diffusers"][key], rtol=1e-5, atol=1e-6)
