@@ -1,6 +1,7 @@
 """Build a bundle (the main job): one numbered sequence of stage calls, written atomically.
 
-  1. load      the model folder (cw_export.models), checked against the recipe's size and the machine's memory
+  1. load      the model folder (cw_export.models), checked against the recipe's size and the machine's memory;
+               with --lora, each LoRA fused into its UNet and text encoder (cw_export.models.lora)
   2. adaptor   the learned adaptor, when the build uses one: a checkpoint, the model's own, or distilled now
                (cw_export.distill.for_build)
   3. export    split the UNet at the paper's cut and export every graph of the registry to FP32 ONNX, checked
@@ -33,6 +34,7 @@ from .contract.schedule import check_steps_and_clock
 from .distill.for_build import check_adaptor_checkpoint, load_learned_adaptor, shipped_checkpoint, state_hash
 from .errors import BundleError, InputError
 from .export.stage import check_fp32_parity, export_all
+from .models.lora import LoraSpec, check_loras, fuse_loras
 from .models.memory_check import check_build_memory
 from .models.pipeline import SDModel, check_model_spec, check_out_apart, load_model, write_tokenizer_files
 from .progress import progress_bar
@@ -55,6 +57,7 @@ class BuildOptions:
     # shapes model) builds with it; otherwise the recipe's adaptor. Measured on shapes, clock 2: prompt accuracy 76.7%
     # with its learned adaptor, 30.8% with the identity one (docs/builtin_model.md)
     model_adaptor: bool = False
+    loras: tuple[LoraSpec, ...] = ()  # --lora FILE [--lora-scale F]: fused at load, in this order (docs/lora.md)
 
 
 def check_build_settings(recipe: Recipe) -> None:
@@ -97,6 +100,7 @@ def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
         check_adaptor_checkpoint(recipe, options.adaptor_checkpoint)  # before any heavy work
     check_model_spec(options.model)
     check_out_apart(options.model, out)
+    loras = check_loras(tuple(options.loras))  # checked and hashed before any heavy work
     if recipe.quantized:
         from .quantize import check_settings
         from .calibrate.stage import check_prompt_sources
@@ -109,14 +113,14 @@ def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
         check_context_settings(tuple(options.socs), recipe.quantized)
     total = 4 + 3 * recipe.quantized + bool(options.socs)
     with progress_bar(total=total, enabled=options.progress, desc="build", unit="stage") as stages:
-        return _build(recipe, options, out, stages)
+        return _build(recipe, options, out, stages, loras)
 
 
-def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
+def _build(recipe: Recipe, options: BuildOptions, out: Path, stages, loras=()) -> Path:
     # 1. load
     stages.set_postfix_str("load model")
     pause_point("load")
-    model = load_model(options.model)
+    model = fuse_loras(load_model(options.model), loras)
     latent = latent_hw(model, recipe)
     check_build_memory(model, latent)
     table = schedulers.build_step_table(recipe.build.sampler, model.scheduler_config, recipe.build.steps)
@@ -146,6 +150,7 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages) -> Path:
         # 5. records
         stages.set_postfix_str("manifest")
         records = base_records(model, recipe, results, num_skips, latent, table, tmp)
+        records.loras = loras
         if adaptor_checkpoint is not None:
             records.adaptor.update(adaptor_checkpoint.provenance())
         # 6. quantize

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .models.source import source_model_reachable, source_model_spec
+from .models.source import load_source_model, source_model_reachable, source_model_spec
 from .runtime.image import image_grid
 from .runtime.noise import seeded_noise
 from .runtime.pipeline import BundleRunner
@@ -45,7 +45,6 @@ def make_grid(bundle: str | Path, prompts: list[str], seed: int, source_model=No
     """Generate every variant for every prompt; ``source_model`` defaults to the bundle's (must be reachable)."""
     import torch
 
-    from .models.pipeline import load_model
     from .reference import decode_image, text_embeddings, torch_trajectory
 
     if not prompts:
@@ -61,7 +60,7 @@ def make_grid(bundle: str | Path, prompts: list[str], seed: int, source_model=No
         if not source_model_reachable(manifest):
             raise InputError(f"the grid's FP32 columns need the source model, not reachable at "
                              f"{source_model_spec(manifest)}")
-        source_model = load_model(source_model_spec(manifest))
+        source_model = load_source_model(manifest)  # with its recorded LoRAs fused in (docs/lora.md)
     schedule = manifest["schedule"]
     runners = _bundle_columns(bundle, manifest)
     columns = ["full fp32 (torch)", f"clockwork fp32 (torch, clock {schedule['clock']})", *runners]

@@ -18,7 +18,7 @@ from .. import __version__
 from ..contract.graphs import BATCH, make_wiring
 from ..contract.manifest import MANIFEST_NAME, SCHEMA_VERSION, list_files, manifest_bytes
 from ..contract.schedule import step_kinds
-from ..contract.schema import GraphEntry, ParityRecord
+from ..contract.schema import GraphEntry, LoraRecord, ParityRecord
 from ..export.to_onnx import ExportResult
 from ..models.pipeline import SDModel
 from ..recipe import Recipe
@@ -58,6 +58,7 @@ class BuildRecords:
     calibration: dict | None = None
     parity: ParityRecord | None = None
     context_binaries: dict | None = None  # QNN EPContext models per SoC and graph
+    loras: tuple[LoraRecord, ...] = ()  # LoRAs fused into the model at load (cw_export.models.lora)
 
     def manifest(self) -> dict:
         """The manifest's JSON object (without ``files``, which the writer adds last)."""
@@ -69,6 +70,8 @@ class BuildRecords:
             data["parity"] = self.parity.to_dict()
         if self.context_binaries is not None:
             data["context_binaries"] = self.context_binaries
+        if self.loras:
+            data["loras"] = [record.to_dict() for record in self.loras]
         return data
 
 

@@ -56,6 +56,41 @@ def _nonnegative_int(name: str):
     return _int_at_least(name, 0)
 
 
+class _LoraAction(argparse.Action):
+    """``--lora FILE``: one more LoRA, at scale 1 until a ``--lora-scale`` follows it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), [values, None]])
+
+
+class _LoraScaleAction(argparse.Action):
+    """``--lora-scale F``: the scale of the ``--lora`` just before it (each LoRA takes at most one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        loras = getattr(namespace, self.dest)
+        if not loras:
+            parser.error("--lora-scale must follow the --lora FILE it scales")
+        if loras[-1][1] is not None:
+            parser.error(f"--lora {loras[-1][0]} has two --lora-scale values; give one after each --lora")
+        loras[-1][1] = values
+
+
+def _lora_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora-scale must be a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"--lora-scale must be a finite number, got '{text}'")
+    return value
+
+
+def _lora_specs(args: argparse.Namespace) -> tuple:
+    from ..models.lora import LoraSpec
+
+    return tuple(LoraSpec(path, 1.0 if scale is None else scale) for path, scale in args.loras)
+
+
 def _add_schedule_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int("--steps"), help="denoising steps (default: recipe/bundle)")
     parser.add_argument("--clock", type=_positive_int("--clock"), help="full UNet every N steps (default: recipe)")
@@ -77,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="clocked-step adaptor (default: the model's own distilled adaptor when it fits the "
                         "schedule, as for the built-in model; else the recipe's)")
     parser.add_argument("--adaptor-checkpoint", type=Path, help="learned adaptor weights (safetensors)")
+    parser.add_argument("--lora", action=_LoraAction, dest="loras", default=[], type=Path, metavar="FILE",
+                        help="LoRA weights (diffusers or kohya .safetensors) fused into the UNet and text encoder "
+                        "before export; repeatable, applied in order (docs/lora.md)")
+    parser.add_argument("--lora-scale", action=_LoraScaleAction, dest="loras", type=_lora_scale, metavar="F",
+                        help="scale of the --lora just before it (default 1; 0 leaves the model unchanged)")
     parser.add_argument("--height", type=_nonnegative_int("--height"), help="image height in pixels")
     parser.add_argument("--width", type=_nonnegative_int("--width"), help="image width in pixels")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -190,7 +230,8 @@ def validate_parser() -> argparse.ArgumentParser:
 
 
 def model_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cw-export model", description="Write the built-in pipeline as a diffusers folder.")
+    parser = _Parser(prog="cw-export model", description="Write the built-in pipeline as a diffusers folder, with "
+                     "its cw_export.json and clockwork/adaptor.safetensors (docs/model_folder.md).")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="builtin", help="built-in model name: builtin or tiny-random")
     parser.add_argument("--overwrite", action="store_true")
@@ -199,8 +240,9 @@ def model_parser() -> argparse.ArgumentParser:
 
 def _guidance(args: argparse.Namespace) -> float | None:
     """--guidance, else the guidance the model declares (its folder's cw_export.json), else None: the recipe's."""
-    from ..models.declared import declared_guidance
+    from ..models.declared import check_declared, declared_guidance
 
+    check_declared(args.model)
     return args.guidance if args.guidance is not None else declared_guidance(args.model)
 
 
@@ -220,7 +262,7 @@ def cmd_build(argv: list[str]) -> int:
     out = build_bundle(recipe, BuildOptions(model=args.model, out=args.out, overwrite=args.overwrite,
                                             adaptor_checkpoint=args.adaptor_checkpoint, progress=not args.quiet,
                                             allow_low_parity=args.allow_low_parity, socs=socs,
-                                            model_adaptor=args.adaptor is None))
+                                            model_adaptor=args.adaptor is None, loras=_lora_specs(args)))
     print(f"bundle written: {out}")
     return 0
 
@@ -241,12 +283,13 @@ def cmd_validate(argv: list[str]) -> int:
 
 def cmd_model(argv: list[str]) -> int:
     from ..atomic import check_output_path
-    from ..models.pipeline import BUILTIN_MODELS, load_model, save_model
+    from ..models.pipeline import BUILTIN_MODELS, check_out_apart, load_model, save_model
 
     args = model_parser().parse_args(argv)
     if args.model not in BUILTIN_MODELS:
         raise InputError(f"--model must be a built-in model ({', '.join(BUILTIN_MODELS)}), got '{args.model}'")
     check_output_path(args.out.absolute(), args.overwrite)
+    check_out_apart(args.model, args.out)
     out = save_model(load_model(args.model), args.out, overwrite=args.overwrite)
     print(f"built-in pipeline written: {out}")
     return 0
@@ -325,6 +368,9 @@ def distill_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_nonnegative_int("--seed"), default=0,
                         help="adaptor init, batch order and teacher noise (prompt k: seed + k)")
     parser.add_argument("--out", type=Path, default=Path("adaptor.safetensors"), help="checkpoint (.safetensors)")
+    parser.add_argument("--out-model", type=Path, metavar="DIR", help="also write the model folder with this "
+                        "adaptor as its clockwork/adaptor.safetensors and the guidance in its cw_export.json, so a "
+                        "build from DIR uses it (docs/model_folder.md); --overwrite replaces an existing DIR")
     parser.add_argument("--resume", action="store_true", help="continue from OUT's resume state (.resume.pt)")
     parser.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -339,6 +385,7 @@ def cmd_distill(argv: list[str]) -> int:
 
     build = load_recipe(args.target).with_build(steps=args.steps, clock=args.clock,
                                                 guidance_scale=_guidance(args)).build
+    source_folder = _out_model_source(args)  # before any heavy work
     result = distill(DistillOptions(
         model=args.model, prompts=args.prompts, num_prompts=args.num_prompts, steps=build.steps, clock=build.clock,
         guidance_scale=build.guidance_scale, sampler=build.sampler, epochs=args.epochs, batch_size=args.batch_size,
@@ -348,7 +395,31 @@ def cmd_distill(argv: list[str]) -> int:
         history = result.log["history"]
         loss = f", loss {history[-1]['loss']:.4g}" if history else ""
         print(f"adaptor checkpoint written: {result.checkpoint} (epoch {result.log['epochs_done']}{loss})")
+        if source_folder is not None:
+            from ..models.pipeline import save_model_with_adaptor
+
+            out = save_model_with_adaptor(source_folder, args.out_model, result.checkpoint, build.guidance_scale,
+                                          overwrite=args.overwrite)
+            print(f"model folder written: {out}")
     return 0
+
+
+def _out_model_source(args: argparse.Namespace) -> Path | None:
+    """The model folder ``distill --out-model`` copies (None without the flag); a model generated in code has none."""
+    if args.out_model is None:
+        return None
+    from ..atomic import check_output_path
+    from ..models.declared import model_folder
+    from ..models.pipeline import check_model_spec, check_out_apart
+
+    check_model_spec(args.model)
+    folder = model_folder(args.model)
+    if folder is None:
+        raise InputError(f"--out-model copies a model folder, and '{args.model}' is generated in code: write it "
+                         f"first (cw-export model --model {args.model} --out DIR) and distil --model DIR")
+    check_output_path(args.out_model.absolute(), args.overwrite)
+    check_out_apart(args.model, args.out_model)
+    return folder.resolve()
 
 
 def evaluate_parser() -> argparse.ArgumentParser:

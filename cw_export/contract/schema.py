@@ -149,6 +149,19 @@ class ParityRecord:
 
 
 @dataclass(frozen=True)
+class LoraRecord:
+    """One LoRA fused into the model before export (``cw-export --lora FILE [--lora-scale F]``, docs/lora.md): the
+    file's name as given, its sha256 (what identifies it) and the scale it was fused at, in the order applied."""
+
+    file: str
+    sha256: str
+    scale: float
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "scale": self.scale}
+
+
+@dataclass(frozen=True)
 class GraphWiring:
     inputs: dict[str, str]  # graph input -> slot
     outputs: dict[str, str]  # graph output -> slot
@@ -187,6 +200,7 @@ class Manifest:
     model_max_length: int
     adaptor_kind: str
     parity: ParityRecord | None = None  # quantized bundles: the build's parity gate
+    loras: tuple[LoraRecord, ...] = ()  # LoRAs fused into the model at build time (key absent: none)
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 
 
@@ -364,6 +378,29 @@ def _parity(r: _Reader, value) -> ParityRecord | None:
                         {k: v for k, v in data.items() if k not in PARITY_FIELDS})
 
 
+MAX_LORAS = 64
+
+
+def _loras(r: _Reader, value) -> tuple[LoraRecord, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_LORAS:
+        r.fail("loras", f"must be a list of at most {MAX_LORAS} records, got {value!r:.60}")
+    records = []
+    for i, entry in enumerate(value):
+        path = f"loras[{i}]"
+        data = r.obj(entry, path)
+        unknown = sorted(set(data) - {"file", "sha256", "scale"})
+        if unknown:
+            r.fail(f"{path}.{unknown[0]:.40}", "is not a field of a LoRA record (file, sha256, scale)")
+        digest = r.text(r.key(data, "sha256", path), f"{path}.sha256")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            r.fail(f"{path}.sha256", "must be 64 lower-case hex digits")
+        records.append(LoraRecord(r.text(r.key(data, "file", path), f"{path}.file"), digest,
+                                  r.number(r.key(data, "scale", path), f"{path}.scale")))
+    return tuple(records)
+
+
 def parse_manifest(data: object, where: str = "bundle") -> Manifest:
     """The typed manifest of ``data`` (manifest.json's JSON object); a BundleError names the first bad field."""
     r = _Reader(where)
@@ -410,4 +447,4 @@ def parse_manifest(data: object, where: str = "bundle") -> Manifest:
         model_max_length=r.integer(r.key(tokenizer, "model_max_length", "tokenizer"), "tokenizer.model_max_length",
                                    2, 4096),
         adaptor_kind=r.text(r.key(adaptor, "kind", "adaptor"), "adaptor.kind", ADAPTOR_KINDS),
-        parity=_parity(r, data.get("parity")), raw=data)
+        parity=_parity(r, data.get("parity")), loras=_loras(r, data.get("loras")), raw=data)

@@ -42,7 +42,8 @@ def check_adaptor_checkpoint(recipe: Recipe, path: Path) -> None:
 
 
 def shipped_checkpoint(model: SDModel, recipe: Recipe):
-    """The adaptor checkpoint the model ships with (only ``shapes`` has one), when it was distilled for this
+    """The adaptor checkpoint the model's folder ships (``clockwork/adaptor.safetensors``, docs/model_folder.md;
+    the built-in shapes model's is one), when it was distilled for this
     sampler, steps, clock and guidance and for these weights; else None."""
     from .checkpoint import check_model, check_schedule, read_checkpoint
 
@@ -73,7 +74,7 @@ def load_learned_adaptor(model: SDModel, recipe: Recipe, checkpoint_path: Path |
     if checkpoint_path is not None:
         checkpoint = read_checkpoint(checkpoint_path)
     elif shipped is not None:
-        checkpoint = shipped  # the model's own distilled adaptor (models/shapes_adaptor.safetensors)
+        checkpoint = shipped  # the model folder's own distilled adaptor (its clockwork/adaptor.safetensors)
     else:
         checkpoint = distill_for_build(model, recipe, latent, progress=progress)
     check_schedule(checkpoint, b.sampler, b.steps, b.clock)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CwExportError, InputError
-from ..models.source import source_model_spec
+from ..models.source import load_source_model
 
 REAL = "real"
 FULL_FP32 = "full_fp32"
@@ -157,7 +157,6 @@ def evaluate_bundle(bundle: str | Path, captions: list[str], providers: tuple[st
     ``on_variant(name, entry)`` is called as each variant finishes (the CLI prints its row there).
     """
     from ..adaptor import build_adaptor
-    from ..models.pipeline import load_model
     from ..runtime.pipeline import BundleRunner
     from .classifier import load_classifier
     from .generate import bundle_images, generate_images, runtime_noise
@@ -169,7 +168,7 @@ def evaluate_bundle(bundle: str | Path, captions: list[str], providers: tuple[st
     manifest = runner.manifest
     check_shapes_bundle(bundle, manifest)
     source = manifest["source_model"]
-    model = load_model(source_model_spec(manifest))
+    model = load_source_model(manifest)  # with the LoRAs it was built with fused in (docs/lora.md)
     if model.source.get("sha256") != source.get("sha256"):
         raise InputError(f"the {source.get('name') or source.get('path')} model changed since bundle {bundle} was "
                          "built (weights sha256 differs); rebuild the bundle to compare it with FP32")

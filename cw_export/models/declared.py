@@ -17,6 +17,9 @@ from ..prompts import BUILTIN_PROMPT_SETS
 from .pipeline import BUILTIN_MODELS, BUILTIN_NAME, MODEL_DEFAULTS_NAME, SHAPES_DIR, SHAPES_NAME
 
 PROMPT_SET_KEYS = ("calibration_set", "heldout_set")  # recipe [quantization] calibration_set, [parity] heldout_set
+NOTE_KEYS = ("why", "prompt_sets_why")  # free text: why the values were chosen (kept with them, never read)
+DECLARED_KEYS = ("guidance_scale", *PROMPT_SET_KEYS, *NOTE_KEYS)
+MAX_NOTE_CHARS = 4000
 MAX_DEFAULTS_BYTES = 1 << 16
 
 
@@ -33,8 +36,10 @@ def model_defaults(spec: str) -> dict:
     """The model folder's cw_export.json as a dict ({} when there is none)."""
     folder = model_folder(spec)
     path = None if folder is None else folder / MODEL_DEFAULTS_NAME
-    if path is None or not path.is_file():
+    if path is None or (not path.exists() and not path.is_symlink()):
         return {}
+    if path.is_symlink() or not path.is_file():
+        raise ModelError(f"{path} must be a regular file (a symlinked or special one is refused)")
     try:
         if path.stat().st_size > MAX_DEFAULTS_BYTES:
             raise ModelError(f"{path}: larger than {MAX_DEFAULTS_BYTES} bytes")
@@ -43,7 +48,21 @@ def model_defaults(spec: str) -> dict:
         raise ModelError(f"unreadable {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path}: must be a JSON object")
+    unknown = sorted(set(data) - set(DECLARED_KEYS))
+    if unknown:
+        raise ModelError(f"{path}: unknown key {unknown[0]!r:.60}; a model folder declares only "
+                         f"{', '.join(DECLARED_KEYS)} (docs/model_folder.md)")
+    for key in NOTE_KEYS:
+        if key in data and (not isinstance(data[key], str) or len(data[key]) > MAX_NOTE_CHARS):
+            raise ModelError(f"{path}: {key} must be a string of at most {MAX_NOTE_CHARS} characters")
     return data
+
+
+def check_declared(spec: str) -> None:
+    """Every field of the model folder's cw_export.json, checked before any heavy work (a bad one is a ModelError
+    whether or not a flag overrides it)."""
+    declared_guidance(spec)
+    declared_prompt_sets(spec)
 
 
 def declared_guidance(spec: str) -> float | None:

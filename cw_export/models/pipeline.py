@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..errors import ModelError
 from . import configs
+from .clockwork_folder import ADAPTOR_PATH, copy_model_folder, folder_adaptor, is_clockwork_file
 
 BUILTIN_NAME = "builtin"  # the default model of the main job
 TINY_RANDOM_NAME = "tiny-random"  # seeded random weights: the fast fixture of the unit tests
@@ -35,6 +37,7 @@ class SDModel:
     scheduler_config: dict
     source: dict = field(default_factory=dict)
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # CLIP vocab.json/merges.txt/... as shipped
+    folder: Path | None = None  # the model folder it was read from (None: generated in code); its clockwork/ data
 
     @property
     def vae_scale_factor(self) -> int:
@@ -141,11 +144,13 @@ MODEL_DEFAULTS_NAME = "cw_export.json"  # build defaults a model folder declares
 
 def folder_hash(path: Path) -> str:
     """sha256 over relative paths and bytes of every file under ``path`` (sorted), for provenance: the model's
-    weights, configs and tokenizer. Its ``cw_export.json`` is left out: it declares build defaults (guidance, prompt
-    sets; cw_export.models.declared) that every manifest records on its own, so a changed default does not make the
-    same weights another model (and does not orphan an adaptor distilled on them)."""
+    weights, configs and tokenizer. Its ``cw_export.json`` and ``clockwork/`` (cw_export.models.clockwork_folder)
+    are left out: they declare build defaults (guidance, prompt sets; cw_export.models.declared) and carry the
+    distilled adaptor, which every manifest records on its own, so a changed default does not make the same weights
+    another model (and an adaptor distilled on the weights can name them by this hash)."""
     digest = hashlib.sha256()
-    files = (p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != MODEL_DEFAULTS_NAME)
+    files = (p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != MODEL_DEFAULTS_NAME
+             and not is_clockwork_file(p.relative_to(path).as_posix()))
     for file in sorted(files):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         with open(file, "rb") as handle:
@@ -238,6 +243,7 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
     _check_folder(folder)
     scheduler_config = _read_scheduler_config(folder)
     _check_weights(folder)
+    folder_adaptor(folder)  # an unsafe clockwork/adaptor.safetensors is refused whichever adaptor the build uses
     safe = {"local_files_only": True, "use_safetensors": True}
     loaders = {
         "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **safe),
@@ -259,6 +265,7 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
     if not {"vocab.json", "merges.txt"} <= set(model.tokenizer_files):
         raise ModelError(f"tokenizer in {folder} lacks vocab.json/merges.txt (CLIP BPE files the runtime needs)")
     _to_eval(model)
+    model.folder = folder
     model.source = {"kind": "folder", "path": str(folder), "sha256": folder_hash(folder)}
     return model
 
@@ -312,15 +319,15 @@ ARCHITECTURE_NAMES = tuple(configs.ARCHITECTURES)  # sd15-arch, sd21-arch
 
 SHAPES_NAME = "shapes"  # the small text-to-image model trained by tools/train_builtin.py (docs/builtin_model.md)
 SHAPES_DIR = Path(__file__).with_name("builtin")
-# its learned Clockwork adaptor, distilled on the shapes training captions (DPM++ 2M, 8 steps, clock 2; docs/builtin_model.md)
-SHAPES_ADAPTOR = Path(__file__).with_name("shapes_adaptor.safetensors")
+# its learned Clockwork adaptor, distilled on the shapes training captions (DPM++ 2M, 8 steps, clock 2;
+# docs/builtin_model.md), where every model folder carries its own (docs/model_folder.md)
+SHAPES_ADAPTOR = SHAPES_DIR / ADAPTOR_PATH
 
 
 def shipped_adaptor(model: "SDModel") -> Path | None:
-    """The adaptor checkpoint that ships with a built-in model (only ``shapes`` has one), if present."""
-    if model.source.get("name") == SHAPES_NAME and SHAPES_ADAPTOR.is_file():
-        return SHAPES_ADAPTOR
-    return None
+    """The adaptor checkpoint the model's folder ships (``clockwork/adaptor.safetensors``; the built-in shapes model
+    and any folder written by ``cw-export model`` or ``cw-export distill --out-model``), if present."""
+    return None if model.folder is None else folder_adaptor(model.folder)
 
 
 def build_shapes_model() -> SDModel:
@@ -339,6 +346,7 @@ def check_model_spec(spec: str) -> None:
     """Cheap up-front check of ``--model`` (name or folder layout) before any heavy work starts."""
     if spec not in BUILTIN_MODELS:
         _check_folder(Path(spec).resolve())
+        folder_adaptor(Path(spec).resolve())
 
 
 def check_out_apart(spec: str, out: Path) -> None:
@@ -366,10 +374,18 @@ def load_model(spec: str) -> SDModel:
 
 
 def save_model(model: SDModel, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a standard diffusers folder (loadable by StableDiffusionPipeline.from_pretrained), atomically."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """Write a standard diffusers folder (loadable by StableDiffusionPipeline.from_pretrained), atomically.
 
+    A model read from a folder (the built-in shapes model) is byte-copied with its ``cw_export.json`` and
+    ``clockwork/adaptor.safetensors`` (docs/model_folder.md), so a build from the copy is the build of the original;
+    a model generated in code is written by diffusers' ``save_pretrained``."""
     from ..atomic import atomic_directory
+
+    if model.folder is not None:
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            copy_model_folder(model.folder, Path(tmp))
+        return Path(out_dir)
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler_config)
     pipe = StableDiffusionPipeline(
@@ -379,4 +395,26 @@ def save_model(model: SDModel, out_dir: str | os.PathLike, overwrite: bool = Fal
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_tokenizer_files(model, Path(tmp) / "tokenizer")
+    return Path(out_dir)
+
+
+def save_model_with_adaptor(folder: Path, out_dir: str | os.PathLike, adaptor: Path, guidance_scale: float,
+                            overwrite: bool = False) -> Path:
+    """``cw-export distill --out-model``: the model folder ``folder`` byte-copied with ``adaptor`` (the checkpoint
+    just distilled) as its ``clockwork/adaptor.safetensors`` and, in its ``cw_export.json``, the guidance it was
+    distilled at, so that a default build from the copy uses it (docs/model_folder.md). Atomic."""
+    from ..atomic import atomic_directory
+    from .clockwork_folder import ADAPTOR_NAME, CLOCKWORK_DIR
+
+    defaults_path = Path(folder) / MODEL_DEFAULTS_NAME
+    defaults = json.loads(defaults_path.read_text(encoding="utf-8")) if defaults_path.is_file() else {}
+    if defaults.get("guidance_scale") != guidance_scale:
+        defaults["guidance_scale"] = float(guidance_scale)
+        defaults["why"] = "the guidance its clockwork/adaptor.safetensors was distilled at (cw-export distill)"
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        copy_model_folder(folder, Path(tmp))
+        (Path(tmp) / CLOCKWORK_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(adaptor, Path(tmp) / CLOCKWORK_DIR / ADAPTOR_NAME)
+        (Path(tmp) / MODEL_DEFAULTS_NAME).write_text(json.dumps(defaults, sort_keys=True, indent=2) + "\n",
+                                                      encoding="utf-8")
     return Path(out_dir)

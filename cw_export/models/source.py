@@ -18,3 +18,17 @@ def source_model_reachable(manifest: dict) -> bool:
     spec = source_model_spec(manifest)
     source = manifest.get("source_model") or {}
     return spec is not None and (source.get("kind") != "folder" or Path(spec).is_dir())
+
+
+def load_source_model(manifest: dict):
+    """The source model as the bundle was exported from it: loaded by ``source_model_spec``, with the LoRAs the
+    manifest records fused in again (docs/lora.md); a recorded LoRA that is gone or changed is an InputError."""
+    from ..errors import InputError
+    from .lora import fuse_loras, recorded_loras
+    from .pipeline import load_model
+
+    model = load_model(source_model_spec(manifest))
+    loras = recorded_loras(manifest)
+    if isinstance(loras, str):
+        raise InputError(f"cannot rebuild the bundle's FP32 source: {loras}")
+    return fuse_loras(model, loras)

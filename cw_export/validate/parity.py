@@ -29,6 +29,13 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: b
     if not source_model_reachable(manifest):
         return [Check("parity", True, f"skipped: source model not reachable ({source_model_spec(manifest)})")]
     model = load_model(source_model_spec(manifest))
+    if manifest.get("loras"):  # fused at build time (docs/lora.md): the FP32 reference is the fused model
+        from ..models.lora import fuse_loras, recorded_loras
+
+        loras = recorded_loras(manifest)
+        if isinstance(loras, str):
+            return [Check("parity", True, f"skipped: {loras}")]
+        model = fuse_loras(model, loras)
     if model.source.get("sha256") != source.get("sha256"):
         return [Check("source model hash", False, "source model changed since the bundle was built")]
     if "parity" in manifest and sampled is not None:  # each quantized graph on N of the gate's inputs
