@@ -56,7 +56,10 @@ def test_bisection_reports_nothing_when_no_prefix_holds(monkeypatch):
 
 def test_backoff_aims_at_the_tighter_of_the_two_tolerances():
     recipe = load_recipe("snapdragon-int8")
-    assert stage.backoff_thresholds(recipe) == recipe.parity  # the recipe sets none: the gate's own
+    assert stage.backoff_thresholds(recipe).guidance_ratio_tolerance == 0.03  # the recipe's aim, under the gate's 5%
+    assert recipe.parity.guidance_ratio_tolerance == 0.05
+    off = recipe.with_quantization(a8_gate_guidance_tolerance=0.0)
+    assert stage.backoff_thresholds(off) == recipe.parity  # 0: the gate's own
     tight = recipe.with_quantization(a8_gate_guidance_tolerance=0.02)
     assert stage.backoff_thresholds(tight).guidance_ratio_tolerance == 0.02
     assert stage.backoff_thresholds(tight).final_latent_min_psnr_db == recipe.parity.final_latent_min_psnr_db
