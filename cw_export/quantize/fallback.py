@@ -76,10 +76,11 @@ def back_off_mac_mix(entries: dict[str, GraphEntry], bundle: Path, name: str, he
     new entry. ``keep`` >= 1; 0 is ``apply_fallbacks``."""
     import onnx
 
+    from ..onnx_index import load_with_small_tensors
     from .mixed import convert_macs
 
-    base = onnx.load(str(held.file), load_external_data=False)
-    donor = onnx.load(str(held.donor), load_external_data=False)
+    base = load_with_small_tensors(held.file)  # external weights stay where they are
+    donor = load_with_small_tensors(held.donor)  # scales and biases are copied from it: inline
     shorter = held.file.with_name(f"{name}.backoff.onnx")  # beside the a16 file: its external data resolves
     onnx.save_model(convert_macs(base, donor, held.macs[:keep]), str(shorter))
     external = move_graph(shorter, bundle / "graphs", name)

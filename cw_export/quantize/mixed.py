@@ -152,7 +152,7 @@ def convert_macs(base, donor, macs: list[str], output_bits: int = 8):
     import onnx
     from onnx import helper
 
-    from ..onnx_index import refresh_value_info
+    from ..onnx_index import copy_inline, refresh_value_info
 
     merged = onnx.ModelProto()
     merged.CopyFrom(base)
@@ -169,7 +169,7 @@ def convert_macs(base, donor, macs: list[str], output_bits: int = 8):
             names = (f"{tensor}_a8_scale", f"{tensor}_a8_zero_point")
             for name, source in zip(names, donor_q[tensor]):
                 copy = onnx.TensorProto()
-                copy.CopyFrom(donor_inits[source])
+                copy_inline(copy, donor_inits[source])
                 copy.name = name
                 merged.graph.initializer.append(copy)
             params[tensor] = names
@@ -192,7 +192,7 @@ def convert_macs(base, donor, macs: list[str], output_bits: int = 8):
             new_nodes.append(node)
             continue
         for name in bias_quantizers(merged, list(feeds[node.name]), only={node.name}):
-            inits[name].CopyFrom(donor_inits[name])
+            copy_inline(inits[name], donor_inits[name])
         tensors = iter(feeds[node.name])
         for index, name in enumerate(node.input[:2]):
             dq = produced_by.get(name)
@@ -218,7 +218,7 @@ def merge_activations(base, donor, tensors: list[str]):
     """A copy of ``base`` (16-bit QDQ ModelProto) whose ``tensors`` use ``donor``'s (8-bit) quantization parameters."""
     import onnx
 
-    from ..onnx_index import refresh_value_info
+    from ..onnx_index import copy_inline, refresh_value_info
 
     merged = onnx.ModelProto()
     merged.CopyFrom(base)
@@ -228,12 +228,12 @@ def merge_activations(base, donor, tensors: list[str]):
     inits = {i.name: i for i in merged.graph.initializer}
     for tensor in tensors:
         for target, source in zip(base_q[tensor], donor_q[tensor]):
-            inits[target].CopyFrom(donor_inits[source])
+            copy_inline(inits[target], donor_inits[source])
             inits[target].name = target
     for name in bias_quantizers(merged, tensors):  # each bias follows its input's scale (in x weight scale)
         if name not in donor_inits:
             raise RuntimeError(f"mixed precision: the 8-bit graph has no bias initializer {name}")
-        inits[name].CopyFrom(donor_inits[name])
+        copy_inline(inits[name], donor_inits[name])
     # the 8-bit zero points change the types of the tensors they quantize (uint16 -> uint8): value_info anew
     return refresh_value_info(merged)
 
@@ -269,10 +269,11 @@ def bias_quantizers(model, tensors: list[str], only: set[str] | None = None) -> 
 def a8_parameters(donor_file: Path, tensors: list[str]) -> dict:
     """tensor -> (scale, zero point) arrays of ``tensors`` in the 8-bit graph at ``donor_file``: the quantization a
     backend gives them when it builds the mixed graph itself (``GraphJob.a8_tensors``)."""
-    import onnx
     from onnx import numpy_helper
 
-    donor = onnx.load(str(donor_file), load_external_data=False)
+    from ..onnx_index import load_with_small_tensors
+
+    donor = load_with_small_tensors(donor_file)
     inits = {i.name: i for i in donor.graph.initializer}
     quantizers = activation_quantizers(donor)
     return {t: tuple(numpy_helper.to_array(inits[name]) for name in quantizers[t]) for t in tensors}
@@ -333,8 +334,10 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
     """
     import onnx
 
-    base = onnx.load(str(base_file), load_external_data=False)  # external weights stay where they are
-    donor = onnx.load(str(donor_file), load_external_data=False)
+    from ..onnx_index import load_with_small_tensors
+
+    base = load_with_small_tensors(base_file)  # external weights stay where they are
+    donor = load_with_small_tensors(donor_file)  # scales and biases are copied from it: inline
     if depth == "mac":  # a group is one MAC node, run at 8 bits with conversions around it
         groups = {mac: [mac] for mac in convertible_macs(base, donor)}
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from cw_export.calibrate.collect import collect, settings_for
 from cw_export.contract.schema import GraphEntry, QuantRecord
@@ -359,3 +361,49 @@ def test_a_build_refuses_to_write_a_bundle_its_validate_rejects(make_fp32_bundle
     with pytest.raises(BundleError, match="fails its own validate: low_res QDQ pairs"):
         make_fp32_bundle(out)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def _save_external(model, folder: Path) -> Path:
+    """``model`` saved as a large graph is: every initializer in ``low_res.onnx.data`` beside it (a copy: onnx
+    moves the saved proto's own tensors out)."""
+    folder.mkdir(parents=True)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model = copy
+    path = folder / f"{GRAPH}.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{GRAPH}.onnx.data", size_threshold=0)
+    return path
+
+
+def test_mixed_graphs_of_external_data_graphs_copy_values_not_file_offsets(ort_pair, tmp_path):
+    """SD 1.5's graphs are above 2 GB, so the quantizer writes the a16 and a8 graphs with external data, each a
+    ``low_res.onnx.data`` in its own folder. A mixed graph (the sweep's trials, the gate's back-off) copies the 8-bit
+    graph's scales and biases into the 16-bit one: it must copy their values, not their file references, which
+    would read the 16-bit file at the 8-bit file's offsets (found on SD 1.5: bias scales of 0)."""
+    from cw_export.onnx_index import copy_inline
+
+    a16, a8 = (onnx.load(str(r.file)) for r in ort_pair)
+    macs = convertible_macs(a16, a8)
+    base_file = _save_external(a16, tmp_path / "a16")
+    donor_file = _save_external(a8, tmp_path / "a8")
+    raw = onnx.load(str(donor_file), load_external_data=False)
+    with pytest.raises(RuntimeError, match="external data"):  # a reference is refused, not copied
+        copy_inline(onnx.TensorProto(), next(i for i in raw.graph.initializer
+                                             if i.data_location == onnx.TensorProto.EXTERNAL))
+    trials: list[dict] = []
+
+    def score(path: Path) -> tuple[float, dict]:  # the sweep's trial graphs, as written beside the a16 graph
+        trials.append({i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer})
+        return -1.0, {}  # nothing passes: one trial per MAC, in convertible_macs order
+
+    result, mixed = sweep(base_file, donor_file, score, depth="mac")
+    assert mixed is None and len(trials) == len(macs) > 10
+    for mac, got in zip(macs, trials):
+        expected = {i.name: numpy_helper.to_array(i) for i in convert_macs(a16, a8, [mac]).graph.initializer}
+        assert got.keys() == expected.keys()
+        wrong = [n for n in expected if not np.array_equal(got[n], expected[n])]
+        assert not wrong, (mac, wrong[:5])
+    tensors = list(activation_quantizers(a8))[:3]
+    for tensor, arrays in a8_parameters(donor_file, tensors).items():
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, a8_parameters(ort_pair[1].file, tensors)[tensor]))
