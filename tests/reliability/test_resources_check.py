@@ -26,7 +26,7 @@ def test_estimate_of_sd15_is_in_the_range_such_exports_need():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**configs.SD15_UNET)
     small = torch.nn.Linear(1, 1)
-    model = SimpleNamespace(unet=unet, text_encoder=small, vae=small)
+    model = SimpleNamespace(unet=unet, components=lambda: (("unet", unet), ("text_encoder", small), ("vae", small)))
     estimate = rc.estimate_build_peak_bytes(model, (64, 64)) / rc.GIB
     assert 11 < estimate < 20, estimate  # the whole sd15-arch build measured an 11.4 GiB peak (docs/sd15.md)
 
@@ -58,7 +58,20 @@ def test_available_is_the_smaller_of_meminfo_and_cgroup(monkeypatch):
 
 def test_check_names_both_numbers_and_passes_when_unknown_or_enough(tiny_model, monkeypatch):
     with pytest.raises(InputError, match=r"needs an estimated 1\.5 GiB .* only 0\.5 GiB is available"):
-        rc.check_build_memory(tiny_model, (16, 16), available=rc.GIB // 2)
+        rc.check_build_memory(tiny_model, (16, 16), available=rc.GIB // 2, held=0)
     rc.check_build_memory(tiny_model, (16, 16), available=64 * rc.GIB)
     monkeypatch.setattr(rc, "available_memory_bytes", lambda: None)
     rc.check_build_memory(tiny_model, (16, 16))  # no /proc/meminfo (macOS, Windows): no refusal
+
+
+def test_memory_the_process_already_holds_is_not_counted_twice(tiny_model, tmp_path):
+    """The check runs after the model is loaded: what the process holds is part of the estimate, not a new need."""
+    needed = rc.estimate_build_peak_bytes(tiny_model, (16, 16))
+    rc.check_build_memory(tiny_model, (16, 16), available=needed // 2, held=needed // 2 + 1)
+    with pytest.raises(InputError, match=r"of it held already"):
+        rc.check_build_memory(tiny_model, (16, 16), available=needed // 2, held=needed // 4)
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmRSS:\t  2048 kB\n")
+    assert rc.resident_bytes(status) == 2048 * 1024
+    assert rc.resident_bytes(tmp_path / "missing") == 0
+    assert rc.resident_bytes() > 0  # this process, on Linux
