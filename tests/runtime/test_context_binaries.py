@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -148,23 +149,32 @@ def test_a_context_that_does_not_load_is_one_line(tmp_path):
 
 
 # -- the real bundle -----------------------------------------------------------------------------------------------
-def _build(out: Path, cache: Path, socs: tuple[str, ...] = (), overwrite: bool = False, backend: str = "ort") -> Path:
+@contextmanager
+def _one_torch_thread():
+    """The builds here run torch on one thread; validating one of them re-measures its parity, so it must run the
+    FP32 torch reference on the same thread count: another one moves the reference by float noise, which this
+    deliberately low-parity bundle (25 dB, --allow-low-parity) turns into a guidance ratio 1.1e-3 off the recorded
+    one (measured on one machine of this kind; the re-measure tolerance is 1e-3)."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, cache: Path, socs: tuple[str, ...] = (), overwrite: bool = False, backend: str = "ort") -> Path:
     from cw_export.build import BuildOptions, build_bundle
     from cw_export.recipe import load_recipe
 
     recipe = (load_recipe("snapdragon-int8").with_build(steps=2, clock=2)
               .with_quantization(backend=backend, **SMALL).with_parity(heldout_prompts=1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("CW_EXPORT_CACHE", str(cache))
-            return build_bundle(recipe, BuildOptions(model="tiny-random", out=out, progress=False, overwrite=overwrite,
-                                                     allow_low_parity=True, socs=socs))
-    finally:
-        torch.set_num_threads(threads)
+    with _one_torch_thread(), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CW_EXPORT_CACHE", str(cache))
+        return build_bundle(recipe, BuildOptions(model="tiny-random", out=out, progress=False, overwrite=overwrite,
+                                                 allow_low_parity=True, socs=socs))
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
@@ -233,7 +243,8 @@ def test_build_with_soc(int8_bundle, tmp_path):
             session = load_context(out / entry["model"])
             feeds = {s["name"]: np.zeros(s["shape"], dtype=s["dtype"]) for s in manifest["graphs"][name]["inputs"]}
             assert len(session.run(None, feeds)) == len(manifest["graphs"][name]["outputs"])
-        assert main(["validate", str(out)]) == 0
+        with _one_torch_thread():
+            assert main(["validate", str(out)]) == 0
         return
     with pytest.raises(BundleError) as info:
         _build(out, cache, socs=("SM8650",), overwrite=True, backend=backend)
