@@ -146,6 +146,8 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages, loras=()) -
         # 4. tokenizer
         stages.set_postfix_str("tokenizer")
         write_tokenizer_files(model, tmp / "tokenizer")
+        if model.dual_text:
+            write_tokenizer_files(model, tmp / "tokenizer_2", model.tokenizer_2_files)
         stages.update()
         # 5. records
         stages.set_postfix_str("manifest")

@@ -71,7 +71,7 @@ def make_grid(bundle: str | Path, prompts: list[str], seed: int, source_model=No
         row = []
         for clock in (1, schedule["clock"]):
             ref = torch_trajectory(source_model, hidden, torch.from_numpy(noise), schedule["steps"], clock,
-                                   manifest["guidance_scale"], manifest["sampler"]["name"])
+                                   manifest["guidance_scale"], manifest["sampler"]["name"], pooled_text=pooled)
             row.append(decode_image(source_model, ref.latents))
         for column, runner in list(runners.items()):
             try:

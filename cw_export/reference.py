@@ -46,6 +46,20 @@ class _IdentityClockHook:
         return output
 
 
+def added_conditioning(model, pooled_text: torch.Tensor | None, latents: torch.Tensor) -> dict | None:
+    """SDXL's ``added_cond_kwargs`` for the UNet (pooled text + StableDiffusionXLPipeline's default time ids for
+    the image size of ``latents``); None for a UNet without text_time conditioning."""
+    from .split import has_text_time, sdxl_time_ids
+
+    if not has_text_time(model.unet):
+        return None
+    if pooled_text is None:
+        raise ValueError("an SDXL-style UNet needs the pooled text (text_embeds)")
+    height, width = (int(d) * model.vae_scale_factor for d in latents.shape[-2:])
+    time_ids = torch.tensor([sdxl_time_ids(height, width)] * pooled_text.shape[0], device=pooled_text.device)
+    return {"text_embeds": pooled_text, "time_ids": time_ids}
+
+
 def torch_trajectory(
     model,
     encoder_hidden_states: torch.Tensor,
@@ -54,8 +68,11 @@ def torch_trajectory(
     clock: int = 1,
     guidance_scale: float = 7.5,
     sampler: str = "dpmpp_2m",
+    pooled_text: torch.Tensor | None = None,
 ) -> TorchTrajectory:
-    """Sample with the original UNet; clock > 1 reuses up_blocks[-2]'s cached output (identity adaptor)."""
+    """Sample with the original UNet; clock > 1 reuses up_blocks[-2]'s cached output (identity adaptor).
+    ``pooled_text``: needed by SDXL-style UNets (their added conditioning), unread otherwise."""
+    added = added_conditioning(model, pooled_text, init_latents)
     scheduler = make_scheduler(model, sampler)
     scheduler.set_timesteps(steps)
     kinds = step_kinds(steps, clock)
@@ -68,7 +85,8 @@ def torch_trajectory(
             for i, t in enumerate(scheduler.timesteps):
                 hook.clocked = kinds[i] == CLOCKED
                 model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                noise = model.unet(model_input, t, encoder_hidden_states=encoder_hidden_states).sample
+                noise = model.unet(model_input, t, encoder_hidden_states=encoder_hidden_states,
+                                   added_cond_kwargs=added).sample
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise, t, latents).prev_sample
@@ -105,6 +123,8 @@ def torch_split_trajectory(
         from .split import split_unet
 
         split = split_unet(model.unet)
+    added = added_conditioning(model, pooled_text, init_latents)
+    time_ids = None if added is None else added["time_ids"]
     scheduler = make_scheduler(model, sampler)
     scheduler.set_timesteps(steps)
     kinds = step_kinds(steps, clock)
@@ -115,7 +135,7 @@ def torch_split_trajectory(
         for i, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             timestep = torch.full((model_input.shape[0],), float(t), device=model_input.device)  # as the runtime feeds it
-            temb, r_in, *skips = split.high_res_in(model_input, timestep, encoder_hidden_states)
+            temb, r_in, *skips = split.high_res_in(model_input, timestep, encoder_hidden_states, pooled_text, time_ids)
             if kinds[i] != CLOCKED:
                 r_out = split.low_res(r_in, temb, encoder_hidden_states)
             elif adaptor is None:
@@ -144,8 +164,13 @@ def decode_image(model, latents: np.ndarray) -> np.ndarray:
 
 
 def text_embeddings(model, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(encoder_hidden_states, pooled) for [uncond, cond], as diffusers' pipeline encodes them."""
-    ids = model.tokenize([negative_prompt, prompt])
+    """(encoder_hidden_states, pooled) for [uncond, cond], as diffusers' pipeline encodes them (SDXL: both
+    encoders; an empty negative prompt is zeros where the model forces that, as StableDiffusionXLPipeline does)."""
+    from .export.wrappers import text_graph
+
     with torch.no_grad():
-        out = model.text_encoder(input_ids=ids, return_dict=True)
-    return out.last_hidden_state, out.pooler_output
+        hidden, pooled = text_graph(model)(**model.text_feeds([negative_prompt, prompt]))
+    if model.force_zeros_for_empty_prompt and not negative_prompt:
+        hidden, pooled = hidden.clone(), pooled.clone()
+        hidden[0], pooled[0] = 0.0, 0.0
+    return hidden, pooled

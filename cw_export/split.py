@@ -27,8 +27,10 @@ def _check_splittable(unet) -> None:
     if unet.down_blocks[0].downsamplers is None or unet.up_blocks[-2].upsamplers is None:
         raise ModelError("UNet's first down block must downsample and its second-to-last up block must upsample")
     unsupported = {
-        "class_embed_type": cfg.class_embed_type, "addition_embed_type": cfg.addition_embed_type,
-        "encoder_hid_dim_type": cfg.encoder_hid_dim_type, "time_cond_proj_dim": cfg.time_cond_proj_dim,
+        "class_embed_type": cfg.class_embed_type, "encoder_hid_dim_type": cfg.encoder_hid_dim_type,
+        "time_cond_proj_dim": cfg.time_cond_proj_dim,
+        # SDXL's text_time conditioning is supported (high_res_in adds it to the time embedding); others are not
+        "addition_embed_type": None if cfg.addition_embed_type == TEXT_TIME else cfg.addition_embed_type,
     }
     set_options = {k: v for k, v in unsupported.items() if v is not None}
     if set_options:
@@ -36,6 +38,14 @@ def _check_splittable(unet) -> None:
     n_high_skips = len(unet.up_blocks[-1].resnets)
     if n_high_skips != 1 + len(unet.down_blocks[0].resnets):
         raise ModelError("up_blocks[-1] does not consume exactly conv_in + down_blocks[0] skips; cannot split")
+
+
+TEXT_TIME = "text_time"  # SDXL's added conditioning (diffusers UNet2DConditionModel addition_embed_type)
+
+
+def has_text_time(unet) -> bool:
+    """The UNet adds SDXL's conditioning to its time embedding: MLP(pooled text ++ sinusoid of 6 size/crop ids)."""
+    return unet.config.addition_embed_type == TEXT_TIME
 
 
 def _has_cross_attention(block) -> bool:
@@ -58,10 +68,32 @@ def time_features_spec(unet) -> dict:
             "max_period": 10000}
 
 
-def _high_res_in_body(part, sample: torch.Tensor, time_features: torch.Tensor, encoder_hidden_states: torch.Tensor):
-    """Time MLP + conv_in + level 0; shared by the torch part and its exported graph."""
+def add_time_features_spec(unet, time_ids: list[float]) -> dict | None:
+    """SDXL's added-time sinusoid as data (like ``time_features_spec``), with the bundle's fixed ``time_ids``
+    (original size, crop top-left, target size, in pixels; a bundle has one image size): the runtime computes the
+    sinusoid of each id, [6, dim] flattened to high_res_in's ``add_time_features`` [batch, 6 * dim]. None for a
+    UNet without text_time conditioning."""
+    if not has_text_time(unet):
+        return None
+    proj = unet.add_time_proj
+    return {"function": "sinusoidal", "dim": int(proj.num_channels), "flip_sin_to_cos": bool(proj.flip_sin_to_cos),
+            "downscale_freq_shift": float(proj.downscale_freq_shift), "scale": float(proj.scale),
+            "max_period": 10000, "time_ids": [float(v) for v in time_ids]}
+
+
+def sdxl_time_ids(height: int, width: int) -> list[float]:
+    """StableDiffusionXLPipeline's default add_time_ids for an image of ``height`` x ``width`` pixels:
+    original_size = target_size = (height, width), crop top-left (0, 0)."""
+    return [float(height), float(width), 0.0, 0.0, float(height), float(width)]
+
+
+def _high_res_in_body(part, sample: torch.Tensor, time_features: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                      pooled_text: torch.Tensor | None = None, add_time_features: torch.Tensor | None = None):
+    """Time MLP (+ SDXL's added conditioning) + conv_in + level 0; shared by the torch part and its exported graph."""
     # 1. time (diffusers UNet2DConditionModel.forward, phase 1, after time_proj)
     temb = part.time_embedding(time_features)
+    if part.add_embedding is not None:  # get_aug_embed, text_time: emb + MLP(text_embeds ++ time ids' sinusoid)
+        temb = temb + part.add_embedding(torch.cat([pooled_text, add_time_features], dim=-1).to(temb.dtype))
     if part.time_embed_act is not None:
         temb = part.time_embed_act(temb)
     # 2. pre-process
@@ -77,7 +109,8 @@ def _high_res_in_body(part, sample: torch.Tensor, time_features: torch.Tensor, e
 
 
 class HighResIn(nn.Module):
-    """Inputs (sample, timestep, encoder_hidden_states) -> (temb, r_in, skip_0 .. skip_k)."""
+    """Inputs (sample, timestep, encoder_hidden_states[, pooled_text, time_ids]) -> (temb, r_in, skip_0 .. skip_k);
+    pooled_text [B, d] and time_ids [B, 6] only for a UNet with SDXL's text_time conditioning."""
 
     def __init__(self, unet) -> None:
         super().__init__()
@@ -85,28 +118,40 @@ class HighResIn(nn.Module):
         self.time_proj = unet.time_proj
         self.time_embedding = unet.time_embedding
         self.time_embed_act = unet.time_embed_act
+        self.add_time_proj = unet.add_time_proj if has_text_time(unet) else None
+        self.add_embedding = unet.add_embedding if has_text_time(unet) else None
         self.conv_in = unet.conv_in
         self.down_block = unet.down_blocks[0]
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    def add_time_features(self, time_ids: torch.Tensor) -> torch.Tensor:
+        """[B, 6] size/crop ids -> [B, 6 * dim]: the sinusoid diffusers' get_aug_embed computes (host-side here)."""
+        return self.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_text: torch.Tensor | None = None, time_ids: torch.Tensor | None = None):
         time_features = self.time_proj(timestep).to(dtype=sample.dtype)  # diffusers casts for half-precision UNets
-        return _high_res_in_body(self, sample, time_features, encoder_hidden_states)
+        added = None if self.add_embedding is None else self.add_time_features(time_ids)
+        return _high_res_in_body(self, sample, time_features, encoder_hidden_states, pooled_text, added)
 
 
 class HighResInGraph(nn.Module):
-    """high_res_in as exported: inputs (sample, time_features, encoder_hidden_states), where time_features is
-    ``time_proj(timestep)`` computed by the runtime (``time_features_spec``). Shares the part's modules, under the
-    same names, so exported tensor names and encodings are those of the UNet."""
+    """high_res_in as exported: inputs (sample, time_features, encoder_hidden_states, pooled_text,
+    add_time_features), where time_features is ``time_proj(timestep)`` and add_time_features the sinusoid of SDXL's
+    time ids, both computed by the runtime (``time_features_spec``, ``add_time_features_spec``); without text_time
+    conditioning the last two are unread and the exporter drops them. Shares the part's modules, under the same
+    names, so exported tensor names and encodings are those of the UNet."""
 
     def __init__(self, part: HighResIn) -> None:
         super().__init__()
         self.time_embedding = part.time_embedding
         self.time_embed_act = part.time_embed_act
+        self.add_embedding = part.add_embedding
         self.conv_in = part.conv_in
         self.down_block = part.down_block
 
-    def forward(self, sample: torch.Tensor, time_features: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return _high_res_in_body(self, sample, time_features, encoder_hidden_states)
+    def forward(self, sample: torch.Tensor, time_features: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_text: torch.Tensor | None = None, add_time_features: torch.Tensor | None = None):
+        return _high_res_in_body(self, sample, time_features, encoder_hidden_states, pooled_text, add_time_features)
 
 
 class LowRes(nn.Module):
@@ -199,9 +244,18 @@ class ClockworkSplit:
         """high_res_in's graph input for ``timestep`` (torch; the runtime computes the same in numpy)."""
         return self.high_res_in.time_proj(timestep)
 
-    def unet_forward(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+    @property
+    def text_time(self) -> bool:
+        """high_res_in takes SDXL's added conditioning (pooled text and time ids)."""
+        return self.high_res_in.add_embedding is not None
+
+    def add_time_features(self, time_ids: torch.Tensor) -> torch.Tensor:
+        """high_res_in's ``add_time_features`` graph input for [B, 6] ``time_ids`` (SDXL; torch, as the runtime)."""
+        return self.high_res_in.add_time_features(time_ids)
+
+    def unet_forward(self, sample, timestep, encoder_hidden_states, pooled_text=None, time_ids=None) -> torch.Tensor:
         """Full step through the three parts; equals the UNet's output (tested)."""
-        temb, r_in, *skips = self.high_res_in(sample, timestep, encoder_hidden_states)
+        temb, r_in, *skips = self.high_res_in(sample, timestep, encoder_hidden_states, pooled_text, time_ids)
         r_out = self.low_res(r_in, temb, encoder_hidden_states)
         return self.high_res_out(r_out, temb, encoder_hidden_states, *skips)
 

@@ -42,3 +42,13 @@ def fp32_bundle(tmp_path_factory) -> Path:
 def make_fp32_bundle():
     """The bundle builder itself, for tests that need a fresh or failing build."""
     return build_fp32_bundle
+
+
+@pytest.fixture(scope="session")
+def sdxl_fp32_bundle(tmp_path_factory) -> Path:
+    """Read-only FP32 bundle of the SDXL-structured ``tiny-sdxl`` (8 steps, clock 2, identity adaptor)."""
+    from cw_export.build import BuildOptions, build_bundle
+    from cw_export.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("sdxl") / "bundle"
+    return build_bundle(load_recipe("cpu-fp32"), BuildOptions(model="tiny-sdxl", out=out, progress=False))

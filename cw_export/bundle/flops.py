@@ -124,23 +124,25 @@ def count_model(model, latent_hw: tuple[int, int], adaptor: str = "identity") ->
     import torch
 
     from ..adaptor import build_adaptor, default_adaptor_config
-    from ..export.wrappers import TextEncoderGraph, VaeDecoderGraph
-    from ..split import split_unet
+    from ..export.wrappers import VaeDecoderGraph, text_graph
+    from ..split import sdxl_time_ids, split_unet
 
     device = next(model.unet.parameters()).device
     text = model.text_encoder.config
     ids = torch.zeros((1, text.max_position_embeddings), dtype=torch.long, device=device)
     costs = {}
-    costs["text_encoder"], (ehs, pooled) = count_module(TextEncoderGraph(model.text_encoder), (ids,))
+    costs["text_encoder"], (ehs, pooled) = count_module(text_graph(model), (ids, ids))
     split = split_unet(model.unet)
     sample = torch.zeros((1, model.unet.config.in_channels, *latent_hw), device=device)
     timestep = torch.full((1,), 999.0, device=device)
-    costs["high_res_in"], (temb, r_in, *skips) = count_module(split.high_res_in, (sample, timestep, ehs))
+    time_ids = torch.tensor([sdxl_time_ids(*(d * model.vae_scale_factor for d in latent_hw))], device=device)
+    costs["high_res_in"], (temb, r_in, *skips) = count_module(split.high_res_in,
+                                                              (sample, timestep, ehs, pooled, time_ids))
     costs["low_res"], r_out = count_module(split.low_res, (r_in, temb, ehs))
     costs["high_res_out"], _ = count_module(split.high_res_out, (r_out, temb, ehs, *skips))
     if adaptor == "learned":
         with torch.device(device):
-            module = build_adaptor(default_adaptor_config(model.unet, text.hidden_size))
+            module = build_adaptor(default_adaptor_config(model.unet, model.pooled_dim))
         costs["adaptor"], _ = count_module(module, (r_in, r_out, temb, pooled))
     latents = torch.zeros((1, model.vae.config.latent_channels, *latent_hw), device=device)
     costs["vae_decoder"], _ = count_module(VaeDecoderGraph(model.vae), (latents,))
@@ -158,8 +160,12 @@ def per_block_costs(unet, latent_hw: tuple[int, int]) -> dict[str, GraphCost]:
     device = next(unet.parameters()).device
     sample = torch.zeros((1, unet.config.in_channels, *latent_hw), device=device)
     context = torch.zeros((1, 77, unet.config.cross_attention_dim), device=device)
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids (their values cost nothing)
+        pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros((1, pooled), device=device), "time_ids": torch.zeros((1, 6), device=device)}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
-        unet(sample, torch.zeros((1,), device=device), encoder_hidden_states=context)
+        unet(sample, torch.zeros((1,), device=device), encoder_hidden_states=context, added_cond_kwargs=added)
     counts = counter.get_flop_counts()
     blocks = {f"DOWN-{i}": f"down_blocks.{i}" for i in range(len(unet.down_blocks))}
     blocks["MID"] = "mid_block"
@@ -439,7 +445,7 @@ def load_for_counting(spec: str):
     if spec in ARCHITECTURE_NAMES:
         return build_architecture_model(spec, device="meta")
     model = load_model(spec)
-    for module in (model.unet, model.text_encoder, model.vae):
+    for _, module in model.components():
         module.to("meta")
     return model
 

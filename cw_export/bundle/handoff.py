@@ -70,6 +70,8 @@ def _describe(rel: str, manifest: dict) -> str:
         return contexts[rel]
     if rel.startswith(manifest.get("tokenizer", {}).get("folder", "tokenizer") + "/"):
         return "CLIP BPE tokenizer files (vocab.json + merges.txt are what a tokenizer needs)"
+    if "tokenizer_2" in manifest and rel.startswith(manifest["tokenizer_2"]["folder"] + "/"):
+        return "the second text encoder's CLIP BPE tokenizer files (SDXL; `input_ids_2`)"
     if rel == "manifest.json":
         return "the machine-readable contract: every file's sha256, graph I/O, wiring, schedule, step table, parity"
     if rel == "report.html":
@@ -122,6 +124,22 @@ def _time_features_lines(spec: dict, batch: int, shape: str) -> list[str]:
     ]
 
 
+def _add_time_features_lines(spec: dict, batch: int) -> list[str]:
+    """manifest.add_time_features (SDXL's size/crop ids) as loop code: the time-feature sinusoid of each id."""
+    half = spec["dim"] // 2
+    order = "cos(b), sin(b)" if spec["flip_sin_to_cos"] else "sin(b), cos(b)"
+    pad = ", [0.0]" if spec["dim"] % 2 else ""
+    ids = ", ".join(_number(v) for v in spec["time_ids"])
+    return [
+        "# added time features, once per image (manifest.add_time_features: SDXL's original size, crop top-left, "
+        "target size; the time-feature sinusoid of each id, float64, then float32)",
+        f"a = [{_number(spec['scale'])} * t * exp(-log({spec['max_period']}) * arange({half}) / "
+        f"({half} - {_number(spec['downscale_freq_shift'])})) for t in [{ids}]]",
+        f"add_time_features = [concat([concat([{order}{pad}]) for b in a])] * {batch}   "
+        f"# [{batch}, {len(spec['time_ids']) * spec['dim']}]",
+    ]
+
+
 def _loop_section(manifest: dict) -> str:
     wiring, schedule, sampler = manifest["wiring"], manifest["schedule"], manifest["sampler"]
     table = sampler["step_table"]
@@ -145,7 +163,20 @@ def _loop_section(manifest: dict) -> str:
         f"{text['input']} = tokenize([negative_prompt, prompt])   # {_shape(ids_spec)}: CLIP BPE from tokenizer/, "
         f"ids cut to {manifest['tokenizer']['model_max_length']} - 2, then [BOS] + ids + [EOS] (EOS kept), "
         "right-padded with the pad token ('Text' below)",
-        f"{text_outputs} = {text['graph']}({text['input']}={text['input']})",
+    ]
+    text_args = f"{text['input']}={text['input']}"
+    if "input_2" in text:
+        lines.append(f"{text['input_2']} = tokenize_2([negative_prompt, prompt])   # the same with tokenizer_2/ "
+                     "(SDXL's second tokenizer: its own pad token)")
+        text_args += f", {text['input_2']}={text['input_2']}"
+    lines.append(f"{text_outputs} = {text['graph']}({text_args})")
+    if text.get("empty_negative") == "zeros":
+        lines += ["if negative_prompt == \"\":   # wiring.text.empty_negative = \"zeros\" (SDXL's "
+                  "force_zeros_for_empty_prompt)",
+                  "    encoder_hidden_states[0] = 0; pooled_text[0] = 0"]
+    if "add_time_features" in manifest:
+        lines += _add_time_features_lines(manifest["add_time_features"], manifest["batch"])
+    lines += [
         "",
         f"# 2. denoising; x is float32 {latent}",
         f"x = T.init_noise_sigma * noise   # noise ~ N(0, 1), float32 {latent} ('Noise' below); "
@@ -210,8 +241,8 @@ def _loop_details(manifest: dict, pooled: bool) -> list[str]:
     max_len = manifest["tokenizer"]["model_max_length"]
     learned = "adaptor" in manifest["graphs"]
     latent = manifest["latent"]["shape"]
-    hidden = next(s for s in manifest["graphs"][manifest["wiring"]["text"]["graph"]]["outputs"]
-                  if s["name"] == "encoder_hidden_states")["shape"]
+    text_outputs = {s["name"]: s["shape"] for s in manifest["graphs"][manifest["wiring"]["text"]["graph"]]["outputs"]}
+    hidden, pooled_width = text_outputs["encoder_hidden_states"], text_outputs["pooled_text"][-1]
     return [
         "**Clocked steps and the cache.** `cache` is refreshed after *every* step, clocked ones included, so a "
         "clocked step reads `r_out` of the step just before it: "
@@ -237,8 +268,9 @@ def _loop_details(manifest: dict, pooled: bool) -> list[str]:
         "**Precomputed text embeddings** (`cw-export run --text-embeds FILE.npz`, instead of a prompt): an .npz "
         f"with float arrays `uncond` and `cond`, each [1, {hidden[1]}, {hidden[2]}] (`encoder_hidden_states` "
         "[0] and [1]), and `uncond_pooled` and `cond_pooled`, each "
-        f"[1, {hidden[2]}] (`pooled_text` [0] and [1]), "
+        f"[1, {pooled_width}] (`pooled_text` [0] and [1]), "
         + ("**required** by this bundle's learned adaptor" if learned else
+           "**required** by this bundle's added (SDXL) conditioning" if "add_time_features" in manifest else
            "required by bundles with a learned adaptor, ignored by this identity-adaptor bundle")
         + "; arrays are cast to float32. `--negative-prompt` cannot be combined with it (the `uncond` array is the "
         "negative prompt).",

@@ -24,7 +24,7 @@ from ..models.pipeline import SDModel
 from ..recipe import Recipe
 from ..runtime import schedulers
 from ..runtime.sessions import session_config
-from ..split import time_features_spec
+from ..split import add_time_features_spec, has_text_time, sdxl_time_ids, time_features_spec
 from .handoff import write_handoff
 from .report import write_report
 
@@ -88,7 +88,9 @@ def base_records(model: SDModel, recipe: Recipe, results: dict[str, ExportResult
         "recipe": recipe.to_dict(),
         "recipe_sha256": recipe.source_sha256,
         "source_model": model.source,
-        "wiring": prune_wiring(make_wiring(num_skips, b.adaptor), results),
+        "wiring": prune_wiring(make_wiring(num_skips, b.adaptor, dual_text=model.dual_text,
+                                           text_time=has_text_time(model.unet),
+                                           empty_negative_zeros=model.force_zeros_for_empty_prompt), results),
         "time_features": time_features_spec(model.unet),
         "schedule": {"steps": b.steps, "clock": b.clock, "step_kinds": step_kinds(b.steps, b.clock),
                      "rule": "step 1 (index 0) is full; step index i is full when i % clock == 0, else clocked"},
@@ -102,10 +104,16 @@ def base_records(model: SDModel, recipe: Recipe, results: dict[str, ExportResult
                    "vae_scale_factor": model.vae_scale_factor,
                    "image_size": [latent[0] * model.vae_scale_factor, latent[1] * model.vae_scale_factor]},
         "tokenizer": {"folder": "tokenizer", "model_max_length": int(model.tokenizer.model_max_length)},
+        **({"tokenizer_2": {"folder": "tokenizer_2", "model_max_length": int(model.tokenizer_2.model_max_length)}}
+           if model.dual_text else {}),
         # onnxruntime settings parity is measured under; the runtime creates its sessions with exactly these
         "session_options": session_config(recipe.quantization.ort_optimization,
                                           recipe.quantization.ort_disabled_optimizers),
     }
+    added = add_time_features_spec(model.unet, sdxl_time_ids(latent[0] * model.vae_scale_factor,
+                                                              latent[1] * model.vae_scale_factor))
+    if added is not None:  # SDXL: high_res_in's add_time_features, computed on the host like time_features
+        fixed["add_time_features"] = added
     graphs = {name: result.entry(bundle) for name, result in results.items()}
     return BuildRecords(fixed, graphs, {"kind": b.adaptor})
 

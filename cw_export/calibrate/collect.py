@@ -34,7 +34,7 @@ from ..runtime.pipeline import BundleRunner
 CALIBRATION_FORMAT = 3  # bump when the on-disk layout or the capture changes: old cache entries are then ignored
 # (2: text_encoder token ids and vae_decoder final latents are captured too)
 
-Tokenize = Callable[[str], np.ndarray]  # prompt -> input_ids [2, 77] int64 for [uncond, cond]
+Tokenize = Callable[[str], dict]  # prompt -> the text encoder graph's token-id feeds (int64 [2, 77] each; [uncond, cond])
 
 
 def graph_feeds(manifest: dict, graph: str, slots: dict) -> dict[str, np.ndarray]:
@@ -222,7 +222,7 @@ def _capture(manifest: dict, graphs: dict, tokenize: Tokenize, prompts: list[str
                 files[graph].append((p, i, rel))
 
         ids = tokenize(prompt)
-        save(text["graph"], 0, {text["input"]: ids})
+        save(text["graph"], 0, dict(ids))
         hidden, pooled = runner.encode_ids(ids)
 
         def on_step(i: int, kind: str, slots: dict) -> None:

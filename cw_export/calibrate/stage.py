@@ -21,11 +21,12 @@ def text_encoder_fn(model):
 
 
 def tokenizer_fn(model):
-    """prompt -> input_ids [2, 77] int64 for [uncond, cond], as diffusers' pipeline tokenizes (the text encoder
-    graph's input: calibration and parity run it, FP32 or quantized, on these ids)."""
+    """prompt -> the text encoder graph's feeds for [uncond, cond] (``input_ids`` [2, 77] int64, and
+    ``input_ids_2`` with two tokenizers), as diffusers' pipeline tokenizes: calibration and parity run the graph,
+    FP32 or quantized, on these ids."""
 
-    def tokenize(prompt: str) -> np.ndarray:
-        return model.tokenize(["", prompt]).numpy().astype(np.int64)
+    def tokenize(prompt: str) -> dict[str, np.ndarray]:
+        return {name: ids.numpy().astype(np.int64) for name, ids in model.text_feeds(["", prompt]).items()}
 
     return tokenize
 

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..recipe import DEFAULT_TARGET
 
     parser = _Parser(prog="cw-export", description="Build a Clockwork-split ONNX bundle of a Stable Diffusion model.")
-    parser.add_argument("--model", default="builtin", help="'builtin', 'tiny-random' or a diffusers pipeline folder")
+    parser.add_argument("--model", default="builtin", help="a built-in model (builtin, tiny-random, tiny-sdxl, "
+                        "sd15-arch, sd21-arch, sdxl-arch) or a diffusers pipeline folder (SD 1.x/2.x or SDXL)")
     parser.add_argument("--target", default=DEFAULT_TARGET, help="recipe name in recipes/ or a recipe .toml path")
     parser.add_argument("--out", type=Path, default=Path("bundle"), help="bundle folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only if the build succeeds)")
@@ -233,7 +234,7 @@ def model_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cw-export model", description="Write the built-in pipeline as a diffusers folder, with "
                      "its cw_export.json and clockwork/adaptor.safetensors (docs/model_folder.md).")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", default="builtin", help="built-in model name: builtin or tiny-random")
+    parser.add_argument("--model", default="builtin", help="built-in model name: builtin, tiny-random or tiny-sdxl")
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -299,7 +300,8 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cw-export inspect", description="Parameters and FLOPs per graph and per clock schedule "
                      "(batch 1; x2 with classifier-free guidance).")
     parser.add_argument("bundle", type=Path, nargs="?", help="bundle to count from its ONNX graphs")
-    parser.add_argument("--model", help="count a model instead: builtin, tiny-random, sd15-arch, sd21-arch or a folder")
+    parser.add_argument("--model", help="count a model instead: builtin, tiny-random, tiny-sdxl, sd15-arch, sd21-arch, "
+                        "sdxl-arch or a folder")
     parser.add_argument("--steps", type=_positive_int("--steps"), help="denoising steps (default: bundle/recipe)")
     parser.add_argument("--clock", type=_positive_int("--clock"), help="full UNet every N steps (default: bundle/recipe)")
     parser.add_argument("--adaptor", choices=["identity", "learned"], default="identity", help="with --model")

@@ -48,9 +48,12 @@ class GraphSpec:
 
 
 GRAPHS: dict[str, GraphSpec] = {spec.name: spec for spec in (
-    GraphSpec(TEXT_ENCODER, ("input_ids",), ("encoder_hidden_states", "pooled_text"), PER_IMAGE),
-    GraphSpec(HIGH_RES_IN, ("sample", "time_features", "encoder_hidden_states"), ("temb", "r_in", SKIPS), PER_STEP,
-              (FULL, CLOCKED)),
+    # input_ids_2: the second tokenizer's ids (SDXL); pooled_text and add_time_features into high_res_in: SDXL's
+    # text_time conditioning. A model without them exports graphs without these inputs (the exporter drops unread
+    # inputs; bundle.writer.prune_wiring drops their wiring).
+    GraphSpec(TEXT_ENCODER, ("input_ids", "input_ids_2"), ("encoder_hidden_states", "pooled_text"), PER_IMAGE),
+    GraphSpec(HIGH_RES_IN, ("sample", "time_features", "encoder_hidden_states", "pooled_text", "add_time_features"),
+              ("temb", "r_in", SKIPS), PER_STEP, (FULL, CLOCKED)),
     GraphSpec(LOW_RES, ("r_in", "temb", "encoder_hidden_states"), ("r_out",), PER_STEP, (FULL,)),
     GraphSpec(ADAPTOR, ("r_in", "r_out_prev", "temb", "pooled_text"), ("r_out",), PER_STEP, (CLOCKED,),
               learned_only=True),
@@ -62,6 +65,8 @@ LOOP_GRAPHS = tuple(n for n, s in GRAPHS.items() if s.runs == PER_STEP)  # high_
 IMAGE_GRAPHS = tuple(n for n, s in GRAPHS.items() if s.runs == PER_IMAGE)  # text_encoder, vae_decoder
 TEXT_OUTPUTS = GRAPHS[TEXT_ENCODER].outputs  # (encoder_hidden_states, pooled_text), in this order
 STEP_INPUTS = ("sample", "time_features", "encoder_hidden_states", "pooled_text")  # slots the host fills each step
+ADDED_STEP_INPUTS = ("add_time_features",)  # and, for SDXL's text_time conditioning, this one (fixed per bundle)
+TEXT_TIME_INPUTS = {HIGH_RES_IN: ("pooled_text", "add_time_features")}  # graph inputs of text_time models only
 STEP_OUTPUT = "noise_pred"
 CACHE = {"r_out_prev": "r_out"}  # slot kept from one step to the next
 
@@ -79,14 +84,24 @@ def graph_names(adaptor: str) -> list[str]:
     return [n for n, s in GRAPHS.items() if adaptor == "learned" or not s.learned_only]
 
 
-def make_wiring(num_skips: int, adaptor: str) -> dict:
-    """Which slot each graph input reads and each output writes, per step kind (the manifest's contract)."""
+def make_wiring(num_skips: int, adaptor: str, dual_text: bool = False, text_time: bool = False,
+                empty_negative_zeros: bool = False) -> dict:
+    """Which slot each graph input reads and each output writes, per step kind (the manifest's contract).
+    ``dual_text``: the text encoder takes a second tokenizer's ids too; ``text_time``: the host fills
+    ``add_time_features`` every step; ``empty_negative_zeros``: an empty negative prompt's embeddings are zeros
+    (SDXL's force_zeros_for_empty_prompt)."""
     loop = [n for n in graph_names(adaptor) if GRAPHS[n].runs == PER_STEP]
-    graphs = {n: {"inputs": {k: k for k in GRAPHS[n].input_names(num_skips)},
+    absent = {} if text_time else TEXT_TIME_INPUTS
+    graphs = {n: {"inputs": {k: k for k in GRAPHS[n].input_names(num_skips) if k not in absent.get(n, ())},
                   "outputs": {k: k for k in GRAPHS[n].output_names(num_skips)}} for n in loop}
     text, decoder = GRAPHS[TEXT_ENCODER], GRAPHS[VAE_DECODER]
+    text_wiring = {"graph": TEXT_ENCODER, "input": text.inputs[0], "batch": ["negative_prompt", "prompt"]}
+    if dual_text:
+        text_wiring["input_2"] = text.inputs[1]
+    if empty_negative_zeros:
+        text_wiring["empty_negative"] = "zeros"
     return {
-        "step_inputs": list(STEP_INPUTS),
+        "step_inputs": list(STEP_INPUTS + (ADDED_STEP_INPUTS if text_time else ())),
         "graphs": graphs,
         "steps": {kind: [n for n in loop if kind in GRAPHS[n].step_kinds] for kind in (FULL, CLOCKED)},
         # the identity adaptor: a clocked step reads the cached r_out of the last step as its r_out
@@ -94,7 +109,7 @@ def make_wiring(num_skips: int, adaptor: str) -> dict:
         "cache": dict(CACHE),
         "step_output": STEP_OUTPUT,
         "guidance": "noise = noise_pred[0] + guidance_scale * (noise_pred[1] - noise_pred[0]); batch = [uncond, cond]",
-        "text": {"graph": TEXT_ENCODER, "input": text.inputs[0], "batch": ["negative_prompt", "prompt"]},
+        "text": text_wiring,
         "decode": {"graph": VAE_DECODER, "input": decoder.inputs[0], "output": decoder.outputs[0],
                    "note": "latents are the sampler's final x (before 1/scaling_factor, which is inside the graph); "
                            "image is RGB in [0, 1]"},

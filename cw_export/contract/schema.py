@@ -182,6 +182,8 @@ class Wiring:
     decode_graph: str
     decode_input: str
     decode_output: str
+    text_input_2: str | None = None  # SDXL: the second tokenizer's ids
+    text_empty_negative: str = "encode"  # "zeros": an empty negative prompt's embeddings are zeros (SDXL)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ class Manifest:
     model_max_length: int
     adaptor_kind: str
     parity: ParityRecord | None = None  # quantized bundles: the build's parity gate
+    tokenizer_2_folder: str | None = None  # SDXL: the second tokenizer (wiring.text.input_2)
+    add_time_features: dict | None = None  # SDXL: high_res_in's added time features (fixed time ids + sinusoid)
     loras: tuple[LoraRecord, ...] = ()  # LoRAs fused into the model at build time (key absent: none)
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 
@@ -337,23 +341,48 @@ def _wiring(r: _Reader, value, graphs: dict[str, GraphEntry]) -> Wiring:
                     r.text(r.key(text, "input", "wiring.text"), "wiring.text.input"),
                     r.text(r.key(decode, "graph", "wiring.decode"), "wiring.decode.graph"),
                     r.text(r.key(decode, "input", "wiring.decode"), "wiring.decode.input"),
-                    r.text(r.key(decode, "output", "wiring.decode"), "wiring.decode.output"))
+                    r.text(r.key(decode, "output", "wiring.decode"), "wiring.decode.output"),
+                    None if "input_2" not in text else r.text(text["input_2"], "wiring.text.input_2"),
+                    r.text(text.get("empty_negative", "encode"), "wiring.text.empty_negative", EMPTY_NEGATIVE))
     for path, graph in (("wiring.text.graph", result.text_graph), ("wiring.decode.graph", result.decode_graph)):
         if graph not in graphs:
             r.fail(path, f"names graph {graph!r:.40}, which the manifest does not list")
     return result
 
 
-def _time_features(r: _Reader, value) -> dict:
-    data = r.obj(value, "time_features")
-    r.text(r.key(data, "function", "time_features"), "time_features.function", ("sinusoidal",))
-    r.integer(r.key(data, "dim", "time_features"), "time_features.dim", 2, 1 << 16)
+EMPTY_NEGATIVE = ("encode", "zeros")
+MAX_TIME_IDS = 16
+
+
+def _time_features(r: _Reader, value, path: str = "time_features") -> dict:
+    data = r.obj(value, path)
+    r.text(r.key(data, "function", path), f"{path}.function", ("sinusoidal",))
+    r.integer(r.key(data, "dim", path), f"{path}.dim", 2, 1 << 16)
     for key in ("max_period", "downscale_freq_shift", "scale"):
-        r.number(r.key(data, key, "time_features"), f"time_features.{key}")
-    if not isinstance(r.key(data, "flip_sin_to_cos", "time_features"), bool):
-        r.fail("time_features.flip_sin_to_cos", "must be true or false")
+        r.number(r.key(data, key, path), f"{path}.{key}")
+    if not isinstance(r.key(data, "flip_sin_to_cos", path), bool):
+        r.fail(f"{path}.flip_sin_to_cos", "must be true or false")
     if data["dim"] // 2 == data["downscale_freq_shift"]:
-        r.fail("time_features.downscale_freq_shift", "equals dim / 2 (the frequencies would divide by zero)")
+        r.fail(f"{path}.downscale_freq_shift", "equals dim / 2 (the frequencies would divide by zero)")
+    return data
+
+
+def _add_time_features(r: _Reader, value, wiring: Wiring) -> dict | None:
+    """SDXL's added time features: a time-feature spec plus its fixed ids; present exactly when the wiring's step
+    inputs name ``add_time_features``."""
+    wired = "add_time_features" in wiring.step_inputs
+    if value is None:
+        if wired:
+            r.fail("add_time_features", "missing (wiring.step_inputs names add_time_features)")
+        return None
+    if not wired:
+        r.fail("add_time_features", "present, but wiring.step_inputs does not name add_time_features")
+    data = _time_features(r, value, "add_time_features")
+    ids = r.key(data, "time_ids", "add_time_features")
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_TIME_IDS:
+        r.fail("add_time_features.time_ids", f"must be a list of 1 to {MAX_TIME_IDS} numbers, got {ids!r:.60}")
+    for i, v in enumerate(ids):
+        r.number(v, f"add_time_features.time_ids[{i}]")
     return data
 
 
@@ -435,9 +464,15 @@ def parse_manifest(data: object, where: str = "bundle") -> Manifest:
                 r.inside(r.key(r.obj(entry, path), key, path), f"{path}.{key}")
     tokenizer = r.obj(r.key(data, "tokenizer", ""), "tokenizer")
     adaptor = r.obj(r.key(data, "adaptor", ""), "adaptor")
+    wiring = _wiring(r, r.key(data, "wiring", ""), graphs)
+    tokenizer_2 = None
+    if wiring.text_input_2 is not None:  # SDXL's second tokenizer
+        second = r.obj(r.key(data, "tokenizer_2", ""), "tokenizer_2")
+        tokenizer_2 = r.inside(r.key(second, "folder", "tokenizer_2"), "tokenizer_2.folder")
+        r.integer(r.key(second, "model_max_length", "tokenizer_2"), "tokenizer_2.model_max_length", 2, 4096)
     return Manifest(
         schema_version=r.integer(r.key(data, "schema_version", ""), "schema_version", 0, 1 << 30),
-        files=files, graphs=graphs, wiring=_wiring(r, r.key(data, "wiring", ""), graphs),
+        files=files, graphs=graphs, wiring=wiring,
         schedule=SamplingSchedule(r.text(r.key(sampler, "name", "sampler"), "sampler.name"), steps, clock,
                                   r.number(r.key(data, "guidance_scale", ""), "guidance_scale")),
         sampler_config=r.obj(r.key(sampler, "config", "sampler"), "sampler.config"),
@@ -447,4 +482,6 @@ def parse_manifest(data: object, where: str = "bundle") -> Manifest:
         model_max_length=r.integer(r.key(tokenizer, "model_max_length", "tokenizer"), "tokenizer.model_max_length",
                                    2, 4096),
         adaptor_kind=r.text(r.key(adaptor, "kind", "adaptor"), "adaptor.kind", ADAPTOR_KINDS),
-        parity=_parity(r, data.get("parity")), loras=_loras(r, data.get("loras")), raw=data)
+        parity=_parity(r, data.get("parity")), loras=_loras(r, data.get("loras")),
+        tokenizer_2_folder=tokenizer_2, add_time_features=_add_time_features(r, data.get("add_time_features"), wiring),
+        raw=data)

@@ -130,7 +130,7 @@ def evaluate_checkpoint(model, checkpoint_path, num_prompts: int = 8, seed: int 
     from .checkpoint import check_model, read_checkpoint
 
     checkpoint = read_checkpoint(checkpoint_path)
-    config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
+    config = default_adaptor_config(model.unet, model.pooled_dim)
     check_model(checkpoint, model.source["sha256"], config)
     t = checkpoint.training
     settings = EvalSettings(num_prompts=num_prompts, steps=t["steps"], clock=t["clock"],

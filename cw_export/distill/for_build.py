@@ -56,7 +56,7 @@ def shipped_checkpoint(model: SDModel, recipe: Recipe):
     try:
         check_schedule(checkpoint, b.sampler, b.steps, b.clock)
         check_model(checkpoint, model.source["sha256"],
-                    default_adaptor_config(model.unet, model.text_encoder.config.hidden_size))
+                    default_adaptor_config(model.unet, model.pooled_dim))
     except InputError:
         return None
     return checkpoint
@@ -79,5 +79,5 @@ def load_learned_adaptor(model: SDModel, recipe: Recipe, checkpoint_path: Path |
         checkpoint = distill_for_build(model, recipe, latent, progress=progress)
     check_schedule(checkpoint, b.sampler, b.steps, b.clock)
     check_model(checkpoint, model.source["sha256"],
-                default_adaptor_config(model.unet, model.text_encoder.config.hidden_size))
+                default_adaptor_config(model.unet, model.pooled_dim))
     return checkpoint

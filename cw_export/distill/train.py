@@ -147,7 +147,7 @@ def distill(options: DistillOptions, model=None) -> DistillResult:
                                     progress=options.progress and main)
 
     # 3. adaptor + optimizer (or both from the resume state)
-    config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
+    config = default_adaptor_config(model.unet, model.pooled_dim)
     training = training_settings(options, model.source["sha256"], teacher)
     torch.manual_seed(options.seed)
     adaptor = LearnedAdaptor(config).to(device).train()

@@ -22,16 +22,25 @@ EXAMPLE_PROMPT = "a red triangle on the left of a blue square"
 
 def example_inputs(model: SDModel, split, latent_h: int, latent_w: int, table: dict) -> dict:
     """Realistic inputs for export and parity: a real prompt's embeddings and the first step's noisy latents."""
+    from ..reference import added_conditioning
+    from .wrappers import text_graph
+
     generator = torch.Generator().manual_seed(0)
-    ids = model.tokenize(["", EXAMPLE_PROMPT])
+    ids = model.text_feeds(["", EXAMPLE_PROMPT])
     with torch.no_grad():
-        text = model.text_encoder(input_ids=ids, return_dict=True)
+        hidden, pooled = text_graph(model)(**ids)
     channels = model.unet.config.in_channels
     latents = torch.randn((1, channels, latent_h, latent_w), generator=generator) * table["init_noise_sigma"]
     sample = torch.cat([latents, latents]) * float(table["input_scale"][0])
     timestep = torch.full((BATCH,), float(table["timesteps"][0]))
-    return {"input_ids": ids, "encoder_hidden_states": text.last_hidden_state, "pooled_text": text.pooler_output,
-            "sample": sample, "time_features": split.time_features(timestep)}
+    added = added_conditioning(model, pooled, latents)
+    # inputs a graph of this model does not read (a second tokenizer's ids, SDXL's added time features) get a
+    # placeholder: the exporter drops them from the graph
+    return {"input_ids": ids["input_ids"], "input_ids_2": ids.get("input_ids_2", ids["input_ids"]),
+            "encoder_hidden_states": hidden, "pooled_text": pooled, "sample": sample,
+            "time_features": split.time_features(timestep),
+            "add_time_features": (torch.zeros((BATCH, 1)) if added is None
+                                  else split.add_time_features(added["time_ids"]))}
 
 
 def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tuple[int, int], table: dict,
@@ -43,7 +52,8 @@ def export_all(model: SDModel, recipe: Recipe, graphs_dir: Path, latent_hw_: tup
     ehs = ex["encoder_hidden_states"]
     modules = graph_modules(model, split, recipe.build.adaptor, adaptor_state)
     with torch.no_grad():
-        temb, r_in, *skips = modules[HIGH_RES_IN](ex["sample"], ex["time_features"], ehs)
+        temb, r_in, *skips = modules[HIGH_RES_IN](ex["sample"], ex["time_features"], ehs, ex["pooled_text"],
+                                                  ex["add_time_features"])
         r_out = split.low_res(r_in, temb, ehs)
     slots = {**ex, "temb": temb, "r_in": r_in, "r_out": r_out, "r_out_prev": r_out,
              **dict(zip(split.skip_names, skips)), "latents": ex["sample"][:1] / table["init_noise_sigma"]}

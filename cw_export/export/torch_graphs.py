@@ -54,12 +54,11 @@ def graph_modules(model, split, adaptor_kind: str, adaptor_state: dict | None = 
     """The torch module behind each graph of the registry a bundle with ``adaptor_kind`` holds, by graph name: the
     split's three UNet parts, the text encoder and VAE decoder wrappers, and the learned adaptor."""
     from ..adaptor import build_adaptor, default_adaptor_config
-    from .wrappers import TextEncoderGraph, VaeDecoderGraph
+    from .wrappers import VaeDecoderGraph, text_graph
 
-    modules = {**split.graph_modules(), TEXT_ENCODER: TextEncoderGraph(model.text_encoder),
-               VAE_DECODER: VaeDecoderGraph(model.vae)}
+    modules = {**split.graph_modules(), TEXT_ENCODER: text_graph(model), VAE_DECODER: VaeDecoderGraph(model.vae)}
     if adaptor_kind == "learned":
-        config = default_adaptor_config(model.unet, model.text_encoder.config.hidden_size)
+        config = default_adaptor_config(model.unet, model.pooled_dim)
         modules[ADAPTOR] = build_adaptor(config, adaptor_state)
     return {name: modules[name] for name in graph_names(adaptor_kind)}
 

@@ -140,10 +140,87 @@ SD21_TEXT_ENCODER: dict = {
 # SD 2.1 (768) is a v-prediction model; same scaled-linear betas as SD 1.5.
 SD21_NOISE_SCHEDULE: dict = {**SD_NOISE_SCHEDULE, "prediction_type": "v_prediction"}
 
+# --- SDXL: two text encoders, added (text_time) conditioning, a 3-level UNet ----------------------------------------
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: 3 resolution levels (128, 64, 32 at 1024x1024),
+# transformer depth 1 / 2 / 10, a 2048-d context (768 + 1280: both encoders' penultimate layers concatenated), and
+# ``text_time`` added conditioning: time embedding += MLP(pooled text [1280] ++ sinusoid of 6 size/crop ids [6 x 256]).
+SDXL_UNET: dict = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+# sdxl-base text_encoder/config.json (CLIP ViT-L/14 text tower, as SD 1.5's; its penultimate layer is used).
+SDXL_TEXT_ENCODER: dict = {**SD15_TEXT_ENCODER}
+
+# sdxl-base text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower, CLIPTextModelWithProjection: its projected
+# pooled output is the UNet's ``text_embeds`` and the adaptor's pooled text).
+SDXL_TEXT_ENCODER_2: dict = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+    "layer_norm_eps": 1e-5,
+}
+
+# sdxl-base vae/config.json: SD's VAE architecture with SDXL's scaling factor.
+SDXL_VAE: dict = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025}
+
+# sdxl-base scheduler/scheduler_config.json (EulerDiscreteScheduler): SD's betas, "leading" timestep spacing.
+SDXL_NOISE_SCHEDULE: dict = {**SD_NOISE_SCHEDULE, "timestep_spacing": "leading"}
+
+# A tiny SDXL-structured model (``tiny-sdxl``, seeded random weights) for fast tests: the same block types, two text
+# encoders and text_time conditioning as SDXL at toy widths.
+TINY_SDXL_UNET: dict = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [2, 4, 4],
+    "transformer_layers_per_block": [1, 1, 2],
+    "norm_num_groups": 8,
+    "cross_attention_dim": 64,  # 32 (text_encoder) + 32 (text_encoder_2)
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,  # 32 (text_encoder_2 projection) + 6 x 8
+}
+TINY_SDXL_TEXT_ENCODER_2: dict = {**TINY_TEXT_ENCODER, "hidden_act": "gelu"}
+TINY_SDXL: dict = {"unet": TINY_SDXL_UNET, "text_encoder": TINY_TEXT_ENCODER, "text_encoder_2": TINY_SDXL_TEXT_ENCODER_2,
+                   "vae": {**TINY_VAE, "scaling_factor": 0.13025}, "noise_schedule": SDXL_NOISE_SCHEDULE,
+                   "force_zeros_for_empty_prompt": True}
+
 # name -> components; read by models.pipeline (builders) and cw_export.bundle.flops (meta-device FLOP counts).
 ARCHITECTURES: dict = {
     "sd15-arch": {"unet": SD15_UNET, "text_encoder": SD15_TEXT_ENCODER, "vae": SD15_VAE,
                   "noise_schedule": SD_NOISE_SCHEDULE},
     "sd21-arch": {"unet": SD21_UNET, "text_encoder": SD21_TEXT_ENCODER, "vae": SD15_VAE,
                   "noise_schedule": SD21_NOISE_SCHEDULE},
+    "sdxl-arch": {"unet": SDXL_UNET, "text_encoder": SDXL_TEXT_ENCODER, "text_encoder_2": SDXL_TEXT_ENCODER_2,
+                  "vae": SDXL_VAE, "noise_schedule": SDXL_NOISE_SCHEDULE, "force_zeros_for_empty_prompt": True},
 }

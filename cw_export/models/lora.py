@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..contract.schema import LoraRecord
 from ..errors import InputError, ModelError
-from .pipeline import PICKLE_SUFFIXES, SDModel
+from .pipeline import PICKLE_SUFFIXES, SDModel, diffusers_pipeline
 
 MAX_LORA_BYTES = 4 << 30  # SDXL LoRAs reach ~1.7 GB; nothing that size is a LoRA of an SD 1.x/2.x UNet
 MAX_LORAS = 16
@@ -97,13 +97,10 @@ def fuse_loras(model: SDModel, records: tuple[LoraRecord, ...]) -> SDModel:
     ``check_loras``); a file whose sha256 changed since, or that matches no layer, is an error."""
     if not records:
         return model
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(model.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    before = {name: set(getattr(model, name).state_dict()) for name in LORA_COMPONENTS}
+    pipe = diffusers_pipeline(model)  # StableDiffusionXLPipeline's loader for SDXL (its two text encoders)
+    components_of_model = LORA_COMPONENTS + (("text_encoder_2",) if model.dual_text else ())
+    before = {name: set(getattr(model, name).state_dict()) for name in components_of_model}
     for i, record in enumerate(records):
         path = Path(record.file)
         if _check_one(LoraSpec(path, record.scale)).sha256 != record.sha256:
@@ -118,10 +115,10 @@ def fuse_loras(model: SDModel, records: tuple[LoraRecord, ...]) -> SDModel:
         if not any(name in adapters for adapters in loaded.values()):
             raise ModelError(f"LoRA {path} matches no layer of the model's UNet or text encoder "
                              "(a LoRA of another architecture?)")
-        components = [c for c in LORA_COMPONENTS if name in loaded.get(c, [])]
+        components = [c for c in components_of_model if name in loaded.get(c, [])]
         pipe.fuse_lora(components=components, lora_scale=record.scale, adapter_names=[name])
     pipe.unload_lora_weights()
-    for component in LORA_COMPONENTS:
+    for component in components_of_model:
         module = getattr(model, component)
         module.eval().requires_grad_(False)
         if set(module.state_dict()) != before[component]:

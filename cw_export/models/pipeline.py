@@ -22,6 +22,7 @@ from .clockwork_folder import ADAPTOR_PATH, copy_model_folder, folder_adaptor, i
 
 BUILTIN_NAME = "builtin"  # the default model of the main job
 TINY_RANDOM_NAME = "tiny-random"  # seeded random weights: the fast fixture of the unit tests
+TINY_SDXL_NAME = "tiny-sdxl"  # the same for the SDXL structure
 BUILTIN_SEED = 0
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 
@@ -38,6 +39,31 @@ class SDModel:
     source: dict = field(default_factory=dict)
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # CLIP vocab.json/merges.txt/... as shipped
     folder: Path | None = None  # the model folder it was read from (None: generated in code); its clockwork/ data
+    # SDXL-style pipelines: the second text encoder (CLIPTextModelWithProjection) and its tokenizer; None otherwise
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    tokenizer_2_files: dict[str, bytes] = field(default_factory=dict)
+    # SDXL pipelines' model_index.json flag: an empty negative prompt is all-zero embeddings, not the encoded ""
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def dual_text(self) -> bool:
+        """Two text encoders (SDXL): the UNet's context is both penultimate layers side by side."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled text (the adaptor's text input; SDXL's ``text_embeds``)."""
+        if self.dual_text:
+            return int(self.text_encoder_2.config.projection_dim)
+        return int(self.text_encoder.config.hidden_size)
+
+    def components(self) -> tuple:
+        """(name, module) of every torch component, in a fixed order: for hashing and eval mode."""
+        parts = [("unet", self.unet), ("text_encoder", self.text_encoder)]
+        if self.dual_text:
+            parts.append(("text_encoder_2", self.text_encoder_2))
+        return tuple(parts + [("vae", self.vae)])
 
     @property
     def vae_scale_factor(self) -> int:
@@ -49,10 +75,20 @@ class SDModel:
 
     def tokenize(self, prompts: list[str]):
         """Token ids as diffusers' StableDiffusionPipeline makes them (pad to max length, truncate)."""
-        return self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
+        return _ids(self.tokenizer, prompts)
+
+    def text_feeds(self, prompts: list[str]) -> dict:
+        """The text encoder graph's inputs for ``prompts`` (torch int64): ``input_ids`` and, with two encoders,
+        ``input_ids_2`` from the second tokenizer (SDXL's pads with another token)."""
+        feeds = {"input_ids": self.tokenize(prompts)}
+        if self.dual_text:
+            feeds["input_ids_2"] = _ids(self.tokenizer_2, prompts)
+        return feeds
+
+
+def _ids(tokenizer, prompts: list[str]):
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def _set_offline() -> None:
@@ -78,10 +114,11 @@ def _read_tokenizer_files(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
 
 
-def write_tokenizer_files(model: "SDModel", out_dir: Path) -> None:
-    """Write the CLIP vocab.json + merges.txt (+ configs) that both transformers and our runtime load."""
+def write_tokenizer_files(model: "SDModel", out_dir: Path, files: dict[str, bytes] | None = None) -> None:
+    """Write the CLIP vocab.json + merges.txt (+ configs) that both transformers and our runtime load (``files``:
+    another tokenizer's, e.g. SDXL's tokenizer_2; default the first tokenizer's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in sorted(model.tokenizer_files.items()):
+    for name, data in sorted((model.tokenizer_files if files is None else files).items()):
         (out_dir / name).write_bytes(data)
 
 
@@ -125,14 +162,14 @@ def build_tiny_random_model() -> SDModel:
 
 
 def _to_eval(model: SDModel) -> None:
-    for module in (model.unet, model.text_encoder, model.vae):
+    for _, module in model.components():
         module.eval().requires_grad_(False)
 
 
 def weights_hash(model: SDModel) -> str:
     """sha256 over every parameter and buffer, by name: identifies weights independently of file layout."""
     digest = hashlib.sha256()
-    for prefix, module in (("unet", model.unet), ("text_encoder", model.text_encoder), ("vae", model.vae)):
+    for prefix, module in model.components():
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(f"{prefix}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
@@ -181,13 +218,28 @@ def _json_problem(exc: Exception) -> str:
 
 
 WEIGHT_COMPONENTS = ("unet", "text_encoder", "vae")
+DUAL_TEXT_FOLDERS = ("text_encoder_2", "tokenizer_2")  # an SDXL-style pipeline's second text encoder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _check_weights(folder: Path) -> None:
+def _is_dual_text(folder: Path) -> bool:
+    """An SDXL-style folder: both second-encoder folders present (one without the other is refused)."""
+    present = [name for name in DUAL_TEXT_FOLDERS if (folder / name).is_dir()]
+    if present and len(present) < len(DUAL_TEXT_FOLDERS):
+        missing = next(n for n in DUAL_TEXT_FOLDERS if n not in present)
+        raise ModelError(f"model folder {folder} has {present[0]}/ but no {missing}/ (an SDXL pipeline has both)")
+    return bool(present)
+
+
+def _index_flag(folder: Path, key: str) -> bool:
+    """A boolean of model_index.json (already parsed once by _check_folder); anything but true is false."""
+    return json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get(key) is True
+
+
+def _check_weights(folder: Path, dual: bool = False) -> None:
     """Weights are read from safetensors only: a pickle (.bin) is never opened, as unpickling can run code. Checked
     before the libraries look, so that their own logged 'An error occurred ...' line never reaches stderr."""
-    for name in WEIGHT_COMPONENTS:
+    for name in WEIGHT_COMPONENTS + (("text_encoder_2",) if dual else ()):
         files = sorted(p.name for p in (folder / name).iterdir() if p.is_file())
         if any(f.endswith(".safetensors") for f in files):
             continue
@@ -242,7 +294,8 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
     folder = Path(path).resolve()
     _check_folder(folder)
     scheduler_config = _read_scheduler_config(folder)
-    _check_weights(folder)
+    dual = _is_dual_text(folder)
+    _check_weights(folder, dual)
     folder_adaptor(folder)  # an unsafe clockwork/adaptor.safetensors is refused whichever adaptor the build uses
     safe = {"local_files_only": True, "use_safetensors": True}
     loaders = {
@@ -251,6 +304,13 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", **safe),
     }
+    if dual:
+        from transformers import CLIPTextModelWithProjection
+
+        loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", **safe)
+        loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2",
+                                                                       local_files_only=True)
     parts = {}
     for name, load in loaders.items():
         try:
@@ -260,10 +320,15 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
             raise ModelError(f"cannot load {name} from {folder}: {first_line}") from None
     _check_unet_config(parts["unet"], folder)
     model = SDModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"],
-                    _noise_schedule_from(scheduler_config))
+                    _noise_schedule_from(scheduler_config), text_encoder_2=parts.get("text_encoder_2"),
+                    tokenizer_2=parts.get("tokenizer_2"),
+                    force_zeros_for_empty_prompt=dual and _index_flag(folder, "force_zeros_for_empty_prompt"))
     model.tokenizer_files = _read_tokenizer_files(folder / "tokenizer")
-    if not {"vocab.json", "merges.txt"} <= set(model.tokenizer_files):
-        raise ModelError(f"tokenizer in {folder} lacks vocab.json/merges.txt (CLIP BPE files the runtime needs)")
+    if dual:
+        model.tokenizer_2_files = _read_tokenizer_files(folder / "tokenizer_2")
+    for name, files in (("tokenizer", model.tokenizer_files), ("tokenizer_2", model.tokenizer_2_files)):
+        if (name == "tokenizer" or dual) and not {"vocab.json", "merges.txt"} <= set(files):
+            raise ModelError(f"{name} in {folder} lacks vocab.json/merges.txt (CLIP BPE files the runtime needs)")
     _to_eval(model)
     model.folder = folder
     model.source = {"kind": "folder", "path": str(folder), "sha256": folder_hash(folder)}
@@ -292,30 +357,54 @@ def build_architecture_model(name: str, device: str = "cpu") -> SDModel:
     shapes only (for FLOP counting; no memory, no hash). The text encoder's vocab_size is the project BPE tokenizer's
     length, so token ids differ from real CLIP; architecture, parameter count (but the embedding table) and FLOPs match.
     """
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    arch = configs.ARCHITECTURES[name]
-    tokenizer, tokenizer_files = _build_tokenizer()
-    with torch.device(device):
-        torch.manual_seed(BUILTIN_SEED)
-        unet = UNet2DConditionModel(**arch["unet"])
-        torch.manual_seed(BUILTIN_SEED + 1)
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **arch["text_encoder"])
-        text_encoder = CLIPTextModel(text_config)
-        torch.manual_seed(BUILTIN_SEED + 2)
-        vae = AutoencoderKL(**arch["vae"])
-    model = SDModel(unet, text_encoder, tokenizer, vae, dict(arch["noise_schedule"]), tokenizer_files=tokenizer_files)
-    _to_eval(model)
+    model = build_from_configs(configs.ARCHITECTURES[name], device)
     model.source = {"kind": "builtin", "name": name, "seed": BUILTIN_SEED,
                     "sha256": weights_hash(model) if device != "meta" else None}
     return model
 
 
-ARCHITECTURE_NAMES = tuple(configs.ARCHITECTURES)  # sd15-arch, sd21-arch
+def build_from_configs(arch: dict, device: str = "cpu") -> SDModel:
+    """A pipeline of seeded random weights from component configs (configs.ARCHITECTURES' form): ``unet``,
+    ``text_encoder``, ``vae``, ``noise_schedule`` and, for SDXL-style models, ``text_encoder_2`` (a
+    CLIPTextModelWithProjection sharing the project tokenizer) and ``force_zeros_for_empty_prompt``."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_files = _build_tokenizer()
+
+    def text_config(values: dict):
+        return CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **values)
+
+    with torch.device(device):
+        torch.manual_seed(BUILTIN_SEED)
+        unet = UNet2DConditionModel(**arch["unet"])
+        torch.manual_seed(BUILTIN_SEED + 1)
+        text_encoder = CLIPTextModel(text_config(arch["text_encoder"]))
+        torch.manual_seed(BUILTIN_SEED + 2)
+        vae = AutoencoderKL(**arch["vae"])
+        text_encoder_2 = None
+        if "text_encoder_2" in arch:
+            torch.manual_seed(BUILTIN_SEED + 3)
+            text_encoder_2 = CLIPTextModelWithProjection(text_config(arch["text_encoder_2"]))
+    model = SDModel(unet, text_encoder, tokenizer, vae, dict(arch["noise_schedule"]), tokenizer_files=tokenizer_files,
+                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if text_encoder_2 is not None else None,
+                    tokenizer_2_files=dict(tokenizer_files) if text_encoder_2 is not None else {},
+                    force_zeros_for_empty_prompt=bool(arch.get("force_zeros_for_empty_prompt", False)))
+    _to_eval(model)
+    return model
+
+
+def build_tiny_sdxl_model() -> SDModel:
+    """``tiny-sdxl``: the SDXL structure (3 levels, two text encoders, text_time conditioning) at toy widths, seeded
+    random weights: the fast fixture of the SDXL tests."""
+    model = build_from_configs(configs.TINY_SDXL)
+    model.source = {"kind": "builtin", "name": TINY_SDXL_NAME, "seed": BUILTIN_SEED, "sha256": weights_hash(model)}
+    return model
+
+
+ARCHITECTURE_NAMES = tuple(configs.ARCHITECTURES)  # sd15-arch, sd21-arch, sdxl-arch
 
 SHAPES_NAME = "shapes"  # the small text-to-image model trained by tools/train_builtin.py (docs/builtin_model.md)
 SHAPES_DIR = Path(__file__).with_name("builtin")
@@ -338,6 +427,7 @@ def build_shapes_model() -> SDModel:
 
 
 BUILTIN_MODELS = {BUILTIN_NAME: build_builtin_model, TINY_RANDOM_NAME: build_tiny_random_model,
+                  TINY_SDXL_NAME: build_tiny_sdxl_model,
                   SHAPES_NAME: build_shapes_model,
                   **{name: (lambda n=name: build_architecture_model(n)) for name in ARCHITECTURE_NAMES}}
 
@@ -385,17 +475,31 @@ def save_model(model: SDModel, out_dir: str | os.PathLike, overwrite: bool = Fal
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             copy_model_folder(model.folder, Path(tmp))
         return Path(out_dir)
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler_config)
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = diffusers_pipeline(model)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_tokenizer_files(model, Path(tmp) / "tokenizer")
+        if model.dual_text:
+            write_tokenizer_files(model, Path(tmp) / "tokenizer_2", model.tokenizer_2_files)
     return Path(out_dir)
+
+
+def diffusers_pipeline(model: SDModel, scheduler=None):
+    """diffusers' own pipeline over ``model``'s components (StableDiffusionXLPipeline for two text encoders), with
+    DPM++ 2M on the model's noise schedule unless ``scheduler`` is given: what ``cw-export model`` saves and what
+    the tests compare the bundle with."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = scheduler or DPMSolverMultistepScheduler.from_config(model.scheduler_config)
+    if model.dual_text:
+        return StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt)
+    return StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
 
 
 def save_model_with_adaptor(folder: Path, out_dir: str | os.PathLike, adaptor: Path, guidance_scale: float,

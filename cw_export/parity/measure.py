@@ -98,12 +98,12 @@ def graph_sqnr(session, reference, samples) -> dict:
 class ImageReferences:
     """What end-to-end image parity needs beyond the graphs: the unclocked FP32 pipeline and two decoders.
 
-    ``full_fp32(hidden, noise)`` -> final latents of the FP32 UNet without clocking (diffusers' scheduler + the
+    ``full_fp32((hidden, pooled), noise)`` -> final latents of the FP32 UNet without clocking (diffusers' scheduler + the
     original UNet, i.e. StableDiffusionPipeline with the same noise); ``decode_fp32`` decodes with the torch VAE;
     ``decode_bundle`` with the bundle's own vae_decoder graph in onnxruntime (what the phone will show).
     """
 
-    full_fp32: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    full_fp32: Callable[[tuple[np.ndarray, np.ndarray], np.ndarray], np.ndarray]
     decode_fp32: Callable[[np.ndarray], np.ndarray]
     decode_bundle: Callable[[np.ndarray], np.ndarray]
 
@@ -124,10 +124,10 @@ def _image_pair(reference: list[np.ndarray], actual: list[np.ndarray], aggregate
             "ssim_per_prompt": ssims}
 
 
-def image_parity(images: ImageReferences, hidden_states: list[np.ndarray], noises: list[np.ndarray],
+def image_parity(images: ImageReferences, texts: list[tuple[np.ndarray, np.ndarray]], noises: list[np.ndarray],
                  clocked_fp32: list[np.ndarray], quantized: list[np.ndarray], aggregate: str = "pooled") -> dict:
     """Image parity of the quantized clocked bundle vs FP32 unclocked and FP32 clocked, per held-out prompt."""
-    full = [images.decode_fp32(images.full_fp32(h, n)) for h, n in zip(hidden_states, noises)]
+    full = [images.decode_fp32(images.full_fp32(t, n)) for t, n in zip(texts, noises)]
     clocked = [images.decode_fp32(x) for x in clocked_fp32]
     ours = [images.decode_bundle(x) for x in quantized]
     return {"vs_full_fp32": _image_pair(full, ours, aggregate), "vs_clockwork_fp32": _image_pair(clocked, ours, aggregate),
@@ -171,7 +171,7 @@ def step_table(latent_mse: np.ndarray, latent_peak: np.ndarray, ratios: np.ndarr
     return rows
 
 
-def measure(manifest: dict, fp32_graphs: dict, quantized: dict, tokenize: Callable[[str], np.ndarray],
+def measure(manifest: dict, fp32_graphs: dict, quantized: dict, tokenize: Callable[[str], dict],
             prompts: list[str], seed: int, images: ImageReferences | None = None, aggregate: str = "pooled") -> dict:
     """All parity numbers for ``quantized`` (graph name -> ORT session) against ``fp32_graphs`` (TorchGraphs, the
     text encoder and VAE decoder included); with ``images``, also end-to-end image parity (``image_parity``).
@@ -195,14 +195,14 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, tokenize: Callab
     ratios = np.zeros((len(prompts), steps))
     trajectory_ratios = np.zeros((len(prompts), steps))
     kinds: list[str] = []
-    finals: dict[str, list[np.ndarray]] = {"hidden": [], "noise": [], "fp32": [], "quantized": []}
+    finals: dict[str, list] = {"text": [], "noise": [], "fp32": [], "quantized": []}
     text, decode = manifest["wiring"]["text"], manifest["wiring"]["decode"]
     for k, prompt in enumerate(prompts):
         ids = tokenize(prompt)
         hidden, pooled_text = reference_runner.encode_ids(ids)
         ours_hidden, ours_pooled = quantized_runner.encode_ids(ids)
         if text["graph"] in quantized:
-            pooled[text["graph"]].add_run(fp32_graphs[text["graph"]], quantized[text["graph"]], {text["input"]: ids})
+            pooled[text["graph"]].add_run(fp32_graphs[text["graph"]], quantized[text["graph"]], dict(ids))
         noise = unit_noise(manifest["latent"]["shape"], seed + k)
 
         def on_step(i: int, kind: str, slots: dict) -> None:
@@ -221,7 +221,7 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, tokenize: Callab
                                             {decode["input"]: ref.latents.astype(np.float32)})
         kinds = ref.kinds
         if images is not None:
-            for key, value in (("hidden", hidden), ("noise", noise), ("fp32", ref.latents),
+            for key, value in (("text", (hidden, pooled_text)), ("noise", noise), ("fp32", ref.latents),
                                ("quantized", ours.latents)):
                 finals[key].append(value)
         for i in range(steps):
@@ -241,7 +241,7 @@ def measure(manifest: dict, fp32_graphs: dict, quantized: dict, tokenize: Callab
         "psnr_definition": f"10*log10(max|fp32 latent|^2 / MSE); over prompts: {AGGREGATES[aggregate]}",
     }
     if images is not None:
-        numbers["image"] = image_parity(images, finals["hidden"], finals["noise"], finals["fp32"],
+        numbers["image"] = image_parity(images, finals["text"], finals["noise"], finals["fp32"],
                                         finals["quantized"], aggregate)
     return numbers
 

@@ -30,9 +30,10 @@ def image_references(model, manifest: dict, bundle: Path, provider: str = "cpu")
     session = bundle_session(bundle, manifest, decoder, provider)
     schedule = manifest["schedule"]
 
-    def full_fp32(hidden: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        return torch_trajectory(model, torch.from_numpy(hidden), torch.from_numpy(noise), schedule["steps"], 1,
-                                manifest["guidance_scale"], manifest["sampler"]["name"]).latents
+    def full_fp32(text: tuple[np.ndarray, np.ndarray], noise: np.ndarray) -> np.ndarray:
+        hidden, pooled = (torch.from_numpy(np.asarray(t)) for t in text)
+        return torch_trajectory(model, hidden, torch.from_numpy(noise), schedule["steps"], 1,
+                                manifest["guidance_scale"], manifest["sampler"]["name"], pooled_text=pooled).latents
 
     return ImageReferences(full_fp32=full_fp32, decode_fp32=lambda x: decode_image(model, x),
                            decode_bundle=BundleRunner.from_sessions(manifest, {decoder: session}).decode)

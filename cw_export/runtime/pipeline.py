@@ -95,17 +95,27 @@ class BundleRunner:
             except UnicodeEncodeError:
                 raise InputError(f"{flag} is not UTF-8 text (check the terminal's or the script's "
                                  "encoding)") from None
-        folder = self.manifest["tokenizer"]["folder"]
-        tokenizer = ClipTokenizer.from_files(lambda name: read_inside(
-            self.bundle, f"{folder}/{name}", missing_ok=name in ClipTokenizer.OPTIONAL_FILES))
-        return self.encode_ids(tokenizer([negative_prompt, prompt]))
-
-    def encode_ids(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(encoder_hidden_states, pooled_text) of token ids [2, 77] ([uncond, cond]) through the text encoder graph
-        (shared with calibration and parity, which feed token ids to an FP32 or a quantized text encoder)."""
         text = self.manifest["wiring"]["text"]
-        feeds = {text["input"]: input_ids.astype(np.int64)}
-        hidden, pooled = self.session(text["graph"]).run(list(TEXT_OUTPUTS), feeds)
+        feeds = {}
+        for key, manifest_key in (("input", "tokenizer"), ("input_2", "tokenizer_2")):  # SDXL: a second tokenizer
+            if key in text:
+                folder = self.manifest[manifest_key]["folder"]
+                tokenizer = ClipTokenizer.from_files(lambda name, folder=folder: read_inside(
+                    self.bundle, f"{folder}/{name}", missing_ok=name in ClipTokenizer.OPTIONAL_FILES))
+                feeds[text[key]] = tokenizer([negative_prompt, prompt])
+        return self.encode_ids(feeds, empty_negative=not negative_prompt)
+
+    def encode_ids(self, feeds: dict[str, np.ndarray], empty_negative: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(encoder_hidden_states, pooled_text) of the text encoder graph's token-id feeds ([2, 77] each, [uncond,
+        cond]; shared with calibration and parity, which feed an FP32 or a quantized text encoder, always with an
+        empty negative prompt). ``empty_negative``: where the manifest says so (SDXL's
+        force_zeros_for_empty_prompt), the uncond embeddings of an empty negative prompt are zeros."""
+        text = self.manifest["wiring"]["text"]
+        hidden, pooled = self.session(text["graph"]).run(
+            list(TEXT_OUTPUTS), {name: np.asarray(ids, dtype=np.int64) for name, ids in feeds.items()})
+        if empty_negative and text.get("empty_negative") == "zeros":
+            hidden, pooled = hidden.copy(), pooled.copy()
+            hidden[0], pooled[0] = 0.0, 0.0
         return hidden, pooled
 
     def check_text_embeds(self, hidden: np.ndarray, pooled: np.ndarray | None) -> None:
@@ -114,8 +124,13 @@ class BundleRunner:
         if tuple(hidden.shape) != tuple(expected):
             raise InputError(f"text embeddings have shape {list(hidden.shape)}; the bundle needs {expected}"
                              " (uncond and cond, each [1, seq, dim])")
-        if pooled is not None and tuple(pooled.shape) != (expected[0], expected[2]) and "adaptor" in self.manifest["graphs"]:
-            raise InputError(f"pooled text has shape {list(pooled.shape)}; expected {[expected[0], expected[2]]}")
+        pooled_expected = next(o["shape"] for o in self.manifest["graphs"]["text_encoder"]["outputs"]
+                               if o["name"] == "pooled_text")
+        needed = "add_time_features" in self.manifest["wiring"]["step_inputs"] or "adaptor" in self.manifest["graphs"]
+        if needed and pooled is None:
+            raise InputError("this bundle needs the pooled text embeddings too (pooled_text)")
+        if pooled is not None and needed and tuple(pooled.shape) != tuple(pooled_expected):
+            raise InputError(f"pooled text has shape {list(pooled.shape)}; expected {pooled_expected}")
 
     def graph_input_shape(self, graph: str, name: str) -> list[int]:
         for spec in self.manifest["graphs"][graph]["inputs"]:
@@ -191,6 +206,8 @@ class BundleRunner:
             slots = {"sample": sample, "time_features": plan.time_features[i], "encoder_hidden_states": hidden}
             if pooled is not None:
                 slots["pooled_text"] = pooled
+            if plan.add_time_features is not None:
+                slots["add_time_features"] = plan.add_time_features
             if kind == CLOCKED:
                 slots.update(cache)
                 for target, source in aliases:
@@ -248,15 +265,29 @@ class BundleRunner:
                 values.setflags(write=False)  # shared by every image of this runner
                 features.append(values)
             plan = self._plans[key] = _StepPlan(table, tuple(int(t) for t in table["timesteps"]),
-                                                tuple(float(s) for s in table["input_scale"]), tuple(features))
+                                                tuple(float(s) for s in table["input_scale"]), tuple(features),
+                                                self._add_time_features(batch))
         return plan
+
+    def _add_time_features(self, batch: int) -> np.ndarray | None:
+        """SDXL's ``add_time_features`` [batch, 6 * dim]: the sinusoid of the manifest's fixed time ids (the same
+        for every step and image of the bundle); None for a bundle without text_time conditioning."""
+        spec = self.manifest.get("add_time_features")
+        if spec is None:
+            return None
+        row = sinusoidal_time_features(np.asarray(spec["time_ids"], dtype=np.float64), spec).reshape(1, -1)
+        values = np.repeat(row, batch, axis=0)
+        values.setflags(write=False)
+        return values
 
 
 @dataclass(frozen=True)
 class _StepPlan:
-    """What every image of a given step count shares: the step table, its timesteps, input scales, time features."""
+    """What every image of a given step count shares: the step table, its timesteps, input scales, time features
+    (and SDXL's added time features)."""
 
     table: dict
     timesteps: tuple[int, ...]
     input_scale: tuple[float, ...]
     time_features: tuple[np.ndarray, ...]
+    add_time_features: np.ndarray | None = None

@@ -57,7 +57,7 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: b
     if manifest["adaptor"]["kind"] == "identity":
         ours = runner.generate(hidden.numpy(), pooled.numpy(), noise)
         ref = torch_trajectory(model, hidden, torch.from_numpy(noise), schedule["steps"], schedule["clock"],
-                               manifest["guidance_scale"], manifest["sampler"]["name"])
+                               manifest["guidance_scale"], manifest["sampler"]["name"], pooled_text=pooled)
         rel = float(np.max(np.abs(ours.latents - ref.latents)) / max(np.max(np.abs(ref.latents)), 1e-12))
         limit = manifest["recipe"]["parity"]["graph_max_rel_diff"] * 10
         checks.append(Check("trajectory vs torch", rel <= limit,

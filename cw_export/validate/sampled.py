@@ -111,7 +111,7 @@ def gate_inputs(manifest: dict, fp32_graphs: dict, tokenize, prompts: list[str],
     for k, prompt in enumerate(progress_bar(prompts, enabled=progress, desc="FP32 trajectories", unit="prompt")):
         ids = tokenize(prompt)
         if text["graph"] in samples and k in per_prompt:
-            samples[text["graph"]].append(fp32_sample(text["graph"], k, {text["input"]: ids}))
+            samples[text["graph"]].append(fp32_sample(text["graph"], k, dict(ids)))
         decoded = decode["graph"] in samples and k in per_prompt
         if not decoded and not any(p == k for pairs in keep.values() for p, _ in pairs):
             continue

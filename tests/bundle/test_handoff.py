@@ -107,6 +107,8 @@ def _run_pseudo_code(bundle, prompt: str, noise: np.ndarray,
 
     tokenizer = ClipTokenizer.from_dir(bundle / manifest["tokenizer"]["folder"])
     namespace = {name: graph(name) for name in manifest["graphs"]}
+    if "tokenizer_2" in manifest:  # SDXL
+        namespace["tokenize_2"] = ClipTokenizer.from_dir(bundle / manifest["tokenizer_2"]["folder"])
     namespace.update(sampler=SimpleNamespace(step_table=SimpleNamespace(**manifest["sampler"]["step_table"])),
                      tokenize=tokenizer, concat=np.concatenate, exp=np.exp, log=np.log, arange=np.arange,
                      sin=np.sin, cos=np.cos, negative_prompt=negative_prompt, prompt=prompt, noise=noise)
@@ -129,6 +131,21 @@ def test_pseudo_code_as_written_reproduces_the_runtime(which, fp32_bundle, clock
     scale = float(np.max(np.abs(expected)))
     assert float(np.max(np.abs(latents - expected))) <= 1e-4 * scale  # float32 vs the runtime's float64 update
     assert image.shape == tuple(read_manifest(bundle)["graphs"]["vae_decoder"]["outputs"][0]["shape"])
+
+
+@pytest.mark.parametrize("negative_prompt", ["", "a blue square"])
+def test_pseudo_code_of_an_sdxl_bundle_reproduces_the_runtime(negative_prompt, sdxl_fp32_bundle):
+    """Two tokenizers, the empty negative prompt as zeros, the added time features: as written, the runtime's."""
+    from cw_export.runtime.pipeline import BundleRunner
+
+    runner = BundleRunner(sdxl_fp32_bundle)
+    noise = np.random.default_rng(5).standard_normal(runner.latent_shape(), dtype=np.float32)
+    hidden, pooled = runner.encode_prompt("a red triangle", negative_prompt)
+    expected = runner.generate(hidden, pooled, noise).latents
+    code = _section(_doc(sdxl_fp32_bundle), "The denoising loop")
+    assert "tokenize_2(" in code and "add_time_features =" in code and "pooled_text[0] = 0" in code
+    latents, _ = _run_pseudo_code(sdxl_fp32_bundle, "a red triangle", noise, negative_prompt=negative_prompt)
+    assert float(np.max(np.abs(latents - expected))) <= 1e-4 * float(np.max(np.abs(expected)))
 
 
 def test_pseudo_code_with_a_negative_prompt_reproduces_the_runtime(fp32_bundle):
