@@ -131,6 +131,26 @@ def unverified_bundle_errors(bundle: Path, unverified: bool) -> Iterator[None]:
                           "run 'cw-export validate' on it") from None
 
 
+def check_adaptor_schedule(manifest: dict, steps: int | None, clock: int | None) -> None:
+    """A learned adaptor is tied to the steps and clock it was distilled for (PAPER.md "Training"; the build refuses
+    a checkpoint of another schedule), so a run that would call it on another schedule is refused too. Clock 1
+    never calls it, and the identity adaptor has no schedule."""
+    from ..contract.schedule import CLOCKED, step_kinds
+
+    adaptor = manifest.get("adaptor") or {}
+    training = adaptor.get("training") or {}
+    if adaptor.get("kind") != "learned" or "steps" not in training:
+        return
+    schedule = manifest["schedule"]
+    steps = schedule["steps"] if steps is None else steps
+    clock = schedule["clock"] if clock is None else clock
+    if CLOCKED in step_kinds(steps, clock) and (steps, clock) != (training["steps"], training["clock"]):
+        raise InputError(f"this bundle's learned adaptor was distilled for {training['steps']} steps at clock "
+                         f"{training['clock']}, not {steps} steps at clock {clock}; run with its schedule, with "
+                         f"--clock 1, or build with an adaptor distilled for it (cw-export distill --steps {steps} "
+                         f"--clock {clock})")
+
+
 def run_command(args: argparse.Namespace) -> int:
     if args.negative_prompt is not None and args.prompt is None:
         raise InputError("--negative-prompt needs --prompt (with --text-embeds the negative prompt's embeddings are "
@@ -145,6 +165,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise InputError("give --latents-out FILE.npy and/or --image-out FILE.png")
     check_output_paths(args)
     runner = BundleRunner(args.bundle, provider=args.provider, verify=not args.no_verify)
+    check_adaptor_schedule(runner.manifest, args.steps, args.clock)
     if args.prompt is not None:
         hidden, pooled = runner.encode_prompt(args.prompt, args.negative_prompt or "")
     else:
