@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +77,11 @@ def main() -> int:
                           recorded["seeds"][0], [args.graph], args.sample)[args.graph]
     onnx_model, taps = tapped(onnx.load(str(args.bundle / manifest["graphs"][args.graph]["file"])))
     writer = producers(onnx_model.graph)
-    tmp = args.bundle.parent / f".{args.graph}_tapped.onnx"
-    onnx.save(onnx_model, str(tmp))
-    try:
-        names = list(taps)
-        runs = {}
+    names = list(taps)
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="htp_gap-") as work:  # never beside (or inside) the user's bundle
+        tmp = Path(work) / f"{args.graph}_tapped.onnx"
+        onnx.save(onnx_model, str(tmp))
         for provider in ("cpu", "qnn-htp"):
             # the manifest's settings (basic): at onnxruntime's "extended"/"all" levels the CPU EP fuses QDQ
             # MAC units into u8s8 QLinear kernels whose int16 pair sums saturate on x86 without VNNI (measured on a
@@ -89,8 +90,6 @@ def main() -> int:
                                      threads=2)
             runs[provider] = [dict(zip(names, session.run(names, s.feeds))) for s in samples]
             del session
-    finally:
-        tmp.unlink()
     # pooled over samples, per tap
     snr = {}
     for tap in names:

@@ -30,10 +30,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by file path (tests/bench)
+
+from step_timing import add_step_times, step_medians, time_steps  # noqa: E402
 
 PROMPT = "a red triangle on the left of a blue square"
 FULL, CLOCKED = "full", "clocked"
@@ -152,15 +155,7 @@ class Setting:
         self.steps: dict[str, list[float]] = {}
 
     def image(self) -> tuple[float, list[tuple[str, float]]]:
-        marks: list[tuple[str, float]] = []
-        start = time.perf_counter()
-        self._run(lambda i, kind, *_: marks.append((kind, time.perf_counter())))
-        total = time.perf_counter() - start
-        per_step, previous = [], start
-        for kind, stamp in marks:
-            per_step.append((kind, stamp - previous))
-            previous = stamp
-        return total, per_step
+        return time_steps(self._run)
 
 
 def make_settings(args, model, hidden, pooled, noise) -> list[Setting]:
@@ -195,7 +190,7 @@ def summarise(settings: list[Setting], flop_saving: dict[str, float]) -> list[di
         flops = flop_saving.get(s.name) if s.clock > 1 else None
         rows.append({"setting": s.name, "clock": s.clock, "image_s_median": round(median, 3),
                      "image_s_all": [round(t, 3) for t in s.images],
-                     "step_s_median": {k: round(statistics.median(v), 3) for k, v in sorted(s.steps.items())},
+                     "step_s_median": step_medians(s.steps, 3),
                      "wall_saving_pct": round(saving, 1), "flop_saving_pct": flops,
                      "realised_pct": round(100 * saving / flops, 1) if flops else None})
     return rows
@@ -260,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in settings:
             total, per_step = s.image()
             s.images.append(total)
-            for kind, seconds in per_step:
-                s.steps.setdefault(kind, []).append(seconds)
+            add_step_times(s.steps, per_step)
             print(f"run {run + 1} {s.name} clock {s.clock}: {total:.2f} s (load {os.getloadavg()[0]:.2f})", flush=True)
     load_after = os.getloadavg()
     rows = summarise(settings, flop_saving)

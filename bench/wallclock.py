@@ -27,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by file path
+
+from step_timing import add_step_times, step_medians, time_steps  # noqa: E402
+
 KEEP_MARKER = "<!-- everything below this line is kept when bench/wallclock.py rewrites the file -->"
 PROMPT = "a red triangle on the left of a blue square"
 
@@ -50,16 +54,8 @@ class TimedRunner:
 
     def image(self, hidden, pooled, noise, steps: int, clock: int) -> tuple[float, list[tuple[str, float]]]:
         """Seconds for one denoising loop and (kind, seconds) per step (a step ends when its graphs have run)."""
-        marks = []
-        start = time.perf_counter()
-        self.runner.generate(hidden, pooled, noise, steps=steps, clock=clock,
-                             on_step=lambda i, kind, slots: marks.append((kind, time.perf_counter())))
-        total = time.perf_counter() - start
-        per_step, previous = [], start
-        for kind, stamp in marks:
-            per_step.append((kind, stamp - previous))
-            previous = stamp
-        return total, per_step
+        return time_steps(lambda on_step: self.runner.generate(hidden, pooled, noise, steps=steps, clock=clock,
+                                                               on_step=on_step))
 
 
 def bench_bundle(label: str, bundle: Path, steps: int, clocks: list[int], runs: int, warmup: int,
@@ -83,8 +79,7 @@ def bench_bundle(label: str, bundle: Path, steps: int, clocks: list[int], runs: 
         for clock in clocks:
             total, per_step = timed.image(hidden, pooled, noise, steps, clock)
             images[clock].append(total)
-            for kind, seconds in per_step:
-                step_times[clock].setdefault(kind, []).append(seconds)
+            add_step_times(step_times[clock], per_step)
     load_after = os.getloadavg()
     base = clocks[0]
     rows = {}
@@ -94,7 +89,7 @@ def bench_bundle(label: str, bundle: Path, steps: int, clocks: list[int], runs: 
         wall_saving = 100.0 * (1 - median / statistics.median(images[base]))
         rows[str(clock)] = {
             "image_s_median": round(median, 4), "image_s_all": [round(t, 4) for t in images[clock]],
-            "step_s_median": {k: round(statistics.median(v), 4) for k, v in sorted(step_times[clock].items())},
+            "step_s_median": step_medians(step_times[clock], 4),
             "flops_per_image": flop["clocked_flops"], "flop_saving_pct": flop["saving_pct"],
             "conv_linear_saving_pct": flop["conv_linear"]["saving_pct"],
             "wall_saving_pct": round(wall_saving, 2),

@@ -8,19 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from user_errors import assert_refused, assert_user_error
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cw(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cw_export.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert fragment in lines[0], lines[0]
 
 
 def test_ci_runs_the_readme_test_line_verbatim():
@@ -51,8 +45,7 @@ def test_build_errors_are_one_line_exit_2_and_write_nothing(tmp_path, args, frag
     out = tmp_path / "bundle"
     result = cw("--model", "tiny-random", "--out", str(out), *args) if "--model" not in args else \
         cw("--out", str(out), *args)
-    assert_user_error(result, fragment)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert_refused(result, fragment, tmp_path)
 
 
 def test_run_with_text_embeds_and_init_latents_matches_python_api(fp32_bundle, tiny_model, tmp_path):
@@ -142,8 +135,7 @@ def test_run_errors(fp32_bundle, tmp_path, case, fragment):
     }[case]
     outputs = [] if case == "no_output" else ["--latents-out", str(tmp_path) if case == "latents_out_dir" else out]
     result = cw("run", *args, *outputs)
-    assert_user_error(result, fragment)
-    assert not (tmp_path / "out.npy").exists()
+    assert_refused(result, fragment, tmp_path, {"small.npy", "emb.npz"})
 
 
 def test_validate_passes_intact_bundle_and_fails_tampered(fp32_bundle, tmp_path):
@@ -201,8 +193,7 @@ def test_broken_model_folders(tmp_path, damage, fragment):
         weights = next((folder / "unet").glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:100])
     out = tmp_path / "bundle"
-    assert_user_error(cw("--model", str(folder), "--out", str(out), "--target", "cpu-fp32"), fragment)
-    assert not out.exists()
+    assert_refused(cw("--model", str(folder), "--out", str(out), "--target", "cpu-fp32"), fragment, tmp_path, {"model"})
 
 
 def test_negative_prompt_that_is_not_utf8_is_an_input_error(fp32_bundle):

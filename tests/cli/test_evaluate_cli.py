@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from user_errors import CliResult, assert_user_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -97,10 +98,8 @@ def test_torch_learned_variant_matches_the_fp32_bundle(evaluated):
 
 
 def _one_line_error(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
+    code = main(argv)
+    return assert_user_error(CliResult(code, *capsys.readouterr()), "")
 
 
 def test_captions_the_classifier_cannot_read_are_one_line_exit_2(learned_bundle, tmp_path, capsys):

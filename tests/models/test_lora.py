@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from user_errors import assert_refused
 
 from cw_export.models.pipeline import SHAPES_ADAPTOR, SHAPES_DIR
 
@@ -20,13 +21,6 @@ pytest.importorskip("peft")
 
 def cw(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cw_export.cli", *map(str, args)], capture_output=True, text=True)
-
-
-def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("cw-export: error: ") and fragment in lines[0], lines[0]
 
 
 def make_lora(out: Path, seed: int = 0) -> Path:
@@ -178,8 +172,8 @@ def test_bad_loras_are_refused_with_exit_2_and_nothing_written(lora, tmp_path, c
 
         save_file({"unet.no_such_block.attn1.to_q.lora.down.weight": torch.zeros(4, 8),
                    "unet.no_such_block.attn1.to_q.lora.up.weight": torch.zeros(8, 4)}, str(tmp_path / "x.safetensors"))
-    assert_user_error(cw("--target", "cpu-fp32", "--out", out, "--quiet", *flags), fragment)
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b")]
+    before = {p.name for p in tmp_path.iterdir()}
+    assert_refused(cw("--target", "cpu-fp32", "--out", out, "--quiet", *flags), fragment, tmp_path, before)
 
 
 def to_kohya(diffusers_file: Path, out: Path, rank: int = 4) -> Path:

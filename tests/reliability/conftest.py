@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # reliability_helpers, for the test modules
 
-from reliability_helpers import CliResult  # noqa: E402
+from user_errors import CliResult  # noqa: E402
 
 
 @pytest.fixture(scope="package", autouse=True)

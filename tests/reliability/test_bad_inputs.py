@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import SUBPROCESS_ENV, CliResult, assert_nothing_written, assert_user_error
+from reliability_helpers import SUBPROCESS_ENV
+from user_errors import assert_refused, assert_user_error
 
 BUILD = ("--model", "tiny-random", "--target", "cpu-fp32", "--quiet")  # a later --model/--target wins
 
@@ -36,8 +37,7 @@ BUILD = ("--model", "tiny-random", "--target", "cpu-fp32", "--quiet")  # a later
     (["--target", ""], "unknown target ''"),
 ])
 def test_build_flag_errors(cw, tmp_path, args, fragment):
-    assert_user_error(cw(*BUILD, "--out", tmp_path / "bundle", *args), fragment)
-    assert_nothing_written(tmp_path)
+    assert_refused(cw(*BUILD, "--out", tmp_path / "bundle", *args), fragment, tmp_path)
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -50,41 +50,37 @@ def test_bad_recipe_files(cw, tmp_path, text, fragment):
     recipe = tmp_path / "recipes" / "bad.toml"
     recipe.parent.mkdir()
     recipe.write_text(text)
-    assert_user_error(cw(*BUILD, "--target", recipe, "--out", tmp_path / "out" / "bundle"), fragment)
-    assert_nothing_written(tmp_path, {"recipes"})
+    assert_refused(cw(*BUILD, "--target", recipe, "--out", tmp_path / "out" / "bundle"), fragment, tmp_path,
+                   {"recipes"})
 
 
 def test_out_is_a_file(cw, tmp_path):
     target = tmp_path / "bundle"
     target.write_text("keep me")
-    assert_user_error(cw(*BUILD, "--out", target, "--overwrite"), "exists and is not a folder")
+    assert_refused(cw(*BUILD, "--out", target, "--overwrite"), "exists and is not a folder", tmp_path, {"bundle"})
     assert target.read_text() == "keep me"
-    assert_nothing_written(tmp_path, {"bundle"})
 
 
 def test_out_parent_missing(cw, tmp_path):
-    assert_user_error(cw(*BUILD, "--out", tmp_path / "no" / "bundle"), "parent folder of the output does not exist")
-    assert_nothing_written(tmp_path)
+    assert_refused(cw(*BUILD, "--out", tmp_path / "no" / "bundle"), "parent folder of the output does not exist",
+                   tmp_path)
 
 
 def test_existing_bundle_needs_overwrite(cw, bundle_copy):
     before = (bundle_copy / "manifest.json").read_bytes()
-    assert_user_error(cw(*BUILD, "--out", bundle_copy), "use --overwrite to replace it")
+    assert_refused(cw(*BUILD, "--out", bundle_copy), "use --overwrite to replace it", bundle_copy.parent, {"bundle"})
     assert (bundle_copy / "manifest.json").read_bytes() == before
-    assert_nothing_written(bundle_copy.parent, {"bundle"})
 
 
 def test_adaptor_checkpoint_missing(cw, tmp_path):
     result = cw(*BUILD, "--out", tmp_path / "bundle", "--adaptor", "learned", "--adaptor-checkpoint",
                 tmp_path / "nope.safetensors")
-    assert_user_error(result, "adaptor checkpoint not found")
-    assert_nothing_written(tmp_path)
+    assert_refused(result, "adaptor checkpoint not found", tmp_path)
 
 
 def test_read_only_output_folder(cw, tmp_path, mount_tmpfs):
     parent = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
-    assert_user_error(cw(*BUILD, "--out", parent / "bundle"), "not writable")
-    assert_nothing_written(parent)
+    assert_refused(cw(*BUILD, "--out", parent / "bundle"), "not writable", parent)
 
 
 # --- build: calibration prompt files (--calibration, quantized targets) ------------------------------------------
@@ -126,16 +122,14 @@ def test_bad_calibration_prompt_files(cw, tmp_path, kind, fragment):
     out = tmp_path / "out"
     out.mkdir()
     result = cw(*BUILD, "--target", "snapdragon-int8", "--calibration", prompts, "--out", out / "bundle")
-    assert_user_error(result, fragment)
-    assert_nothing_written(out)
+    assert_refused(result, fragment, out)
 
 
 def test_calibration_flag_on_fp32_target(cw, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square\n")
     result = cw(*BUILD, "--target", "cpu-fp32", "--calibration", prompts, "--out", tmp_path / "bundle")
-    assert_user_error(result, "only apply to quantized targets")
-    assert_nothing_written(tmp_path, {"p.txt"})
+    assert_refused(result, "only apply to quantized targets", tmp_path, {"p.txt"})
 
 
 # --- build: model folders and shapes (rejected after the model is loaded, before or while exporting) -------------
@@ -207,8 +201,7 @@ def test_broken_model_folders(cw, model_folder, tmp_path, damage, fragment):
     folder = _damaged_model(model_folder, tmp_path, damage)
     out = tmp_path / "out"
     out.mkdir()
-    line = assert_user_error(cw(*BUILD, "--model", folder, "--out", out / "bundle"), fragment)
-    assert_nothing_written(out)
+    line = assert_refused(cw(*BUILD, "--model", folder, "--out", out / "bundle"), fragment, out)
     assert not (tmp_path / "unpickled").exists(), "a pickle in the model folder was loaded"
     if damage == "unknown_scheduler_class":  # the line says what is supported
         assert "DPMSolverMultistepScheduler" in line and "PNDMScheduler" in line, line
@@ -231,10 +224,9 @@ def test_out_containing_the_model_folder(cw, model_folder, tmp_path):
 
     folder = Path(shutil.copytree(model_folder, tmp_path / "work" / "model"))
     before = folder_hash(folder)
-    assert_user_error(cw(*BUILD, "--model", folder, "--out", tmp_path / "work", "--overwrite"),
-                      "contains the model folder")
+    assert_refused(cw(*BUILD, "--model", folder, "--out", tmp_path / "work", "--overwrite"),
+                   "contains the model folder", tmp_path / "work", {"model"})
     assert folder_hash(folder) == before
-    assert_nothing_written(tmp_path / "work", {"model"})
 
 
 def test_unet_with_too_few_resolution_levels(cw, tiny_model, tmp_path):
@@ -249,9 +241,8 @@ def test_unet_with_too_few_resolution_levels(cw, tiny_model, tmp_path):
                         tmp_path / "model")
     out = tmp_path / "out"
     out.mkdir()
-    assert_user_error(cw(*BUILD, "--model", folder, "--out", out / "bundle"),
-                      "UNet has 2 resolution levels; the Clockwork split needs at least 3")
-    assert_nothing_written(out)
+    assert_refused(cw(*BUILD, "--model", folder, "--out", out / "bundle"),
+                   "UNet has 2 resolution levels; the Clockwork split needs at least 3", out)
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -259,33 +250,30 @@ def test_unet_with_too_few_resolution_levels(cw, tiny_model, tmp_path):
     (["--height", "20"], "--height 20 must be divisible by 8"),  # divisible by the VAE factor, not the UNet's
 ])
 def test_size_not_divisible(cw, tmp_path, args, fragment):
-    assert_user_error(cw(*BUILD, "--out", tmp_path / "bundle", *args), fragment)
-    assert_nothing_written(tmp_path)
+    assert_refused(cw(*BUILD, "--out", tmp_path / "bundle", *args), fragment, tmp_path)
 
 
 def test_corrupt_adaptor_checkpoint(cw, tmp_path):
     checkpoint = tmp_path / "adaptor.safetensors"
     checkpoint.write_bytes(b"\xff" * 100)
     result = cw(*BUILD, "--out", tmp_path / "bundle", "--adaptor", "learned", "--adaptor-checkpoint", checkpoint)
-    assert_user_error(result, "cannot read adaptor checkpoint")
-    assert_nothing_written(tmp_path, {"adaptor.safetensors"})
+    assert_refused(result, "cannot read adaptor checkpoint", tmp_path, {"adaptor.safetensors"})
 
 
 def test_not_enough_memory(cw, tmp_path, monkeypatch):
     import cw_export.models.memory_check as resources_check
 
     monkeypatch.setattr(resources_check, "available_memory_bytes", lambda: 64 * 1024**2)
-    line = assert_user_error(cw(*BUILD, "--out", tmp_path / "bundle"), "GiB of memory but only 0.1 GiB is available")
+    line = assert_refused(cw(*BUILD, "--out", tmp_path / "bundle"), "GiB of memory but only 0.1 GiB is available",
+                          tmp_path)
     assert "needs an estimated 1.5 GiB" in line
-    assert_nothing_written(tmp_path)
 
 
 def test_disk_full_during_export(cw, tmp_path, mount_tmpfs):
     """A 1 MiB file system: the first graph does not fit (a real ENOSPC, raised inside torch.onnx.export)."""
     parent = mount_tmpfs(tmp_path / "small", "size=1m")
     result = cw(*BUILD, "--out", parent / "bundle")
-    assert_user_error(result, f"no space left on device writing {parent / 'bundle'}")
-    assert_nothing_written(parent)
+    assert_refused(result, f"no space left on device writing {parent / 'bundle'}", parent)
 
 
 # --- run ------------------------------------------------------------------------------------------------------------
@@ -370,16 +358,14 @@ def test_run_input_errors(cw, fp32_bundle, tmp_path, case, fragment):
     args = _run_args(tmp_path, case)
     before = {p.name for p in tmp_path.iterdir()}
     out = tmp_path / "latents.npy"
-    assert_user_error(cw("run", fp32_bundle, *args, "--latents-out", out, "--quiet"), fragment)
-    assert_nothing_written(tmp_path, before)
+    assert_refused(cw("run", fp32_bundle, *args, "--latents-out", out, "--quiet"), fragment, tmp_path, before)
 
 
 def test_run_image_of_non_finite_pixels(cw, fp32_bundle, tmp_path):
     """Guidance 1e37 keeps the latents finite (1e36) but the VAE decoder overflows: no PNG of clipped NaNs."""
     out = tmp_path / "image.png"
     result = cw("run", fp32_bundle, "--prompt", "x", "--seed", "1", "--guidance", "1e37", "--image-out", out, "--quiet")
-    assert_user_error(result, "the VAE decoder produced NaN or infinite pixels")
-    assert_nothing_written(tmp_path)
+    assert_refused(result, "the VAE decoder produced NaN or infinite pixels", tmp_path)
 
 
 def test_run_prompt_not_utf8(fp32_bundle, tmp_path):
@@ -388,8 +374,7 @@ def test_run_prompt_not_utf8(fp32_bundle, tmp_path):
     done = subprocess.run([sys.executable, "-m", "cw_export.cli", "run", os.fsencode(fp32_bundle), "--prompt",
                            b"caf\xe9 \xff", "--seed", "1", "--latents-out", os.fsencode(out), "--quiet"],
                           capture_output=True, text=True, env={**os.environ, **SUBPROCESS_ENV}, timeout=300)
-    assert_user_error(CliResult(done.returncode, done.stdout, done.stderr), "--prompt is not UTF-8 text")
-    assert_nothing_written(tmp_path)
+    assert_refused(done, "--prompt is not UTF-8 text", tmp_path)
 
 
 def _output_clash(tmp_path: Path, bundle: Path, case: str) -> list:
@@ -440,8 +425,7 @@ def test_run_outputs_clash(cw, bundle_copy, tmp_path, case, fragment):
 
 
 def test_run_needs_an_output(cw, fp32_bundle, tmp_path):
-    assert_user_error(cw("run", fp32_bundle, "--prompt", "x", "--seed", "1"), "--latents-out")
-    assert_nothing_written(tmp_path)
+    assert_refused(cw("run", fp32_bundle, "--prompt", "x", "--seed", "1"), "--latents-out", tmp_path)
 
 
 def test_run_output_on_full_disk(cw, fp32_bundle, tmp_path, mount_tmpfs):
@@ -449,8 +433,7 @@ def test_run_output_on_full_disk(cw, fp32_bundle, tmp_path, mount_tmpfs):
     out = parent / "latents.npy"
     result = cw("run", fp32_bundle, "--prompt", "x", "--seed", "1", "--steps", "1", "--clock", "1",
                 "--latents-out", out, "--quiet")
-    assert_user_error(result, f"no space left on device writing {out}")
-    assert_nothing_written(parent)
+    assert_refused(result, f"no space left on device writing {out}", parent)
 
 
 def test_run_output_on_read_only_file_system(cw, fp32_bundle, tmp_path, mount_tmpfs):
@@ -458,8 +441,7 @@ def test_run_output_on_read_only_file_system(cw, fp32_bundle, tmp_path, mount_tm
     out = parent / "latents.npy"
     result = cw("run", fp32_bundle, "--prompt", "x", "--seed", "1", "--steps", "1", "--clock", "1",
                 "--latents-out", out, "--quiet")
-    assert_user_error(result, f"read-only file system writing {out}")
-    assert_nothing_written(parent)
+    assert_refused(result, f"read-only file system writing {out}", parent)
 
 
 # --- validate and model -----------------------------------------------------------------------------------------
@@ -478,8 +460,7 @@ def test_validate_without_bundle_argument(cw):
 
 
 def test_model_command_rejects_folders_as_model(cw, model_folder, tmp_path):
-    assert_user_error(cw("model", "--model", model_folder, "--out", tmp_path / "m"), "must be a built-in model")
-    assert_nothing_written(tmp_path)
+    assert_refused(cw("model", "--model", model_folder, "--out", tmp_path / "m"), "must be a built-in model", tmp_path)
 
 
 def test_model_command_out_is_a_file(cw, tmp_path):
@@ -497,18 +478,16 @@ def test_manifest_with_wrong_structure_is_one_line(cw, bundle_copy):
     (bundle_copy / "manifest.json").write_bytes(manifest_bytes(manifest))
     assert_user_error(cw("validate", bundle_copy), "manifest")
     out = bundle_copy.parent / "o.npy"
-    assert_user_error(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", out, "--no-verify"),
-                      "manifest")
-    assert not out.exists()
+    assert_refused(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", out, "--no-verify"),
+                   "manifest", bundle_copy.parent, {"bundle"})
 
 
 def test_manifest_nested_too_deeply(cw, bundle_copy, tmp_path):
     """A manifest.json of 100,000 nested lists is one line (not a RecursionError) for validate and run."""
     (bundle_copy / "manifest.json").write_text('{"files": ' + "[" * 100_000 + "]" * 100_000 + "}")
     assert_user_error(cw("validate", bundle_copy), "nested too deeply")
-    assert_user_error(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", tmp_path / "o.npy"),
-                      "nested too deeply")
-    assert_nothing_written(tmp_path, {"bundle"})
+    assert_refused(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", tmp_path / "o.npy"),
+                   "nested too deeply", tmp_path, {"bundle"})
 
 
 @pytest.mark.parametrize("edit, fragment", [
@@ -525,5 +504,4 @@ def test_resigned_manifest_with_fields_run_cannot_use(cw, bundle_copy, tmp_path,
     (bundle_copy / "manifest.json").write_bytes(manifest_bytes({**manifest, **edit}))
     out = tmp_path / "o.npy"
     args = ["--prompt", "x", "--seed", "1", "--latents-out", out, "--no-verify"] if command == "run" else []
-    assert_user_error(cw(command, bundle_copy, *args), fragment)
-    assert not out.exists()
+    assert_refused(cw(command, bundle_copy, *args), fragment, tmp_path, {"bundle"})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import assert_nothing_written, assert_user_error
+from user_errors import assert_nothing_written, assert_refused, assert_user_error
 
 from cw_export.contract.manifest import manifest_bytes
 
@@ -118,10 +118,9 @@ def test_run_refuses_a_symlink_and_does_not_follow_it(cw, bundle_copy, outside, 
     out.mkdir()
     args = [*RUN, "--latents-out", out / "o.npy"] + ([] if verify else ["--no-verify"])
     result = cw("run", bundle_copy, *args)
-    assert_user_error(result, f"symbolic link in the bundle (not followed): {rel}" if verify
-                      else f"{rel} is a symbolic link")
+    assert_refused(result, f"symbolic link in the bundle (not followed): {rel}" if verify
+                   else f"{rel} is a symbolic link", out)
     assert SECRET not in result.stdout + result.stderr
-    assert_nothing_written(out)
 
 
 # --- A.2: every path-bearing manifest field: absolute, '..' and symlinked ------------------------------------
@@ -201,9 +200,8 @@ def test_run_no_verify_refuses_symlinked_fields(cw, bundle_copy, outside, tmp_pa
     value = _hostile_field(bundle_copy, outside, field, "symlink")
     out = tmp_path / "out"
     out.mkdir()
-    assert_user_error(cw("run", bundle_copy, *RUN, "--no-verify", "--latents-out", out / "o.npy"),
-                      f"{value} is a symbolic link")
-    assert_nothing_written(out)
+    assert_refused(cw("run", bundle_copy, *RUN, "--no-verify", "--latents-out", out / "o.npy"),
+                   f"{value} is a symbolic link", out)
 
 
 def test_lint_reads_encodings_through_the_confinement(bundle_copy, outside):

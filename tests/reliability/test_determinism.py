@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reliability_helpers import assert_user_error
+from user_errors import assert_user_error
 
 from cw_export.contract.manifest import list_files, manifest_bytes
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from reliability_helpers import assert_user_error
+from user_errors import assert_refused, assert_user_error
 
 from cw_export.contract.manifest import manifest_bytes, read_manifest, verify_bundle
 
@@ -94,9 +94,8 @@ def test_validate_and_run_refuse_a_changed_graph_byte(cw, bundle_copy, tmp_path)
     assert_user_error(result, "failed 1 check(s): files sha256")
     assert "sha256 changed: graphs/high_res_out.onnx" in result.stdout
     out = tmp_path / "o.npy"
-    assert_user_error(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", out),
-                      "failed its integrity check: sha256 changed: graphs/high_res_out.onnx")
-    assert not out.exists()
+    assert_refused(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", out),
+                   "failed its integrity check: sha256 changed: graphs/high_res_out.onnx", tmp_path, {"bundle"})
 
 
 def test_validate_and_run_refuse_a_missing_graph(cw, bundle_copy, tmp_path):
@@ -111,9 +110,8 @@ def test_validate_and_run_refuse_a_missing_graph(cw, bundle_copy, tmp_path):
 def test_run_refuses_an_edited_manifest(cw, bundle_copy, tmp_path):
     path = bundle_copy / "manifest.json"
     path.write_text(path.read_text().replace('"guidance_scale": 7.5', '"guidance_scale": 0.5'))
-    assert_user_error(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", tmp_path / "o.npy"),
-                      "manifest.json changed since it was written")
-    assert not (tmp_path / "o.npy").exists()
+    assert_refused(cw("run", bundle_copy, "--prompt", "x", "--seed", "1", "--latents-out", tmp_path / "o.npy"),
+                   "manifest.json changed since it was written", tmp_path, {"bundle"})
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
@@ -157,6 +155,5 @@ def test_run_no_verify_skips_the_check_but_a_broken_graph_is_one_line(cw, bundle
     graph.write_bytes(graph.read_bytes()[:1000])
     bad = tmp_path / "bad.npy"
     # the graph is parsed before onnxruntime sees it (its external data locations are checked: test_confinement.py)
-    assert_user_error(cw("run", bundle_copy, *args, "--latents-out", bad),
-                      "graphs/low_res.onnx is not a readable ONNX graph")
-    assert not bad.exists()
+    assert_refused(cw("run", bundle_copy, *args, "--latents-out", bad),
+                   "graphs/low_res.onnx is not a readable ONNX graph", tmp_path, {"bundle", "ok.npy"})

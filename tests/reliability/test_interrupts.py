@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from reliability_helpers import SUBPROCESS_ENV, assert_user_error, temps_in
+from reliability_helpers import SUBPROCESS_ENV
+from user_errors import assert_user_error, temps_in
 
 from cw_export.atomic import PAUSE_ENV, clean_stale_temps
 from cw_export.contract.manifest import read_manifest, verify_bundle

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from user_errors import assert_user_error
 
 from cw_export.models.pipeline import SHAPES_ADAPTOR, SHAPES_DIR
 
@@ -61,7 +62,7 @@ def test_validate_on_htp_passes_the_gate_and_records_it(bundle):
 
 def test_record_needs_another_provider(bundle):
     result = cli("validate", str(bundle), "--record")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--provider qnn-htp" in result.stderr
+    assert_user_error(result, "--provider qnn-htp")
 
 
 def test_clocked_run_on_htp_matches_the_cpu(bundle, tmp_path):
