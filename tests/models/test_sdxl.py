@@ -158,3 +158,48 @@ def test_an_sdxl_folder_builds_the_bundle_of_the_built_in_model(sdxl_bundle, tmp
     assert ours["wiring"] == builtin["wiring"] and ours["add_time_features"] == builtin["add_time_features"]
     for name, entry in builtin["graphs"].items():
         assert (out / entry["file"]).read_bytes() == (sdxl_bundle / entry["file"]).read_bytes(), name
+
+
+def _sdxl_lora(model, out: Path) -> Path:
+    """A rank-4 LoRA (random up/down, peft) on the UNet's attention and both text encoders, in diffusers' SDXL
+    format (``StableDiffusionXLPipeline.save_lora_weights``: unet, text_encoder, text_encoder_2 keys)."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    text = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj"])
+    inject_adapter_in_model(text, model.text_encoder)
+    inject_adapter_in_model(text, model.text_encoder_2)
+    StableDiffusionXLPipeline.save_lora_weights(
+        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model.text_encoder)),
+        text_encoder_2_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model.text_encoder_2)))
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def test_a_lora_fuses_into_the_unet_and_both_text_encoders_of_an_sdxl_model(tmp_path):
+    """``--lora`` on SDXL: diffusers' SDXL loader puts it into the UNet, text_encoder and text_encoder_2; fused at
+    scale 1 every one of them changes (and nothing else), at scale 0 the model is the original weight for weight."""
+    pytest.importorskip("peft")
+    from cw_export.models.lora import LoraSpec, check_loras, fuse_loras
+    from cw_export.models.pipeline import load_model
+
+    path = _sdxl_lora(load_model("tiny-sdxl"), tmp_path)
+
+    def weights(model) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
+                for name, module in model.components()}
+
+    original = weights(load_model("tiny-sdxl"))
+    fused_model = fuse_loras(load_model("tiny-sdxl"), check_loras((LoraSpec(path, 1.0),)))
+    fused = weights(fused_model)
+    changed = {name for name in original
+               if any(not torch.equal(original[name][k], fused[name][k]) for k in original[name])}
+    assert changed == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(fused[name].keys() == original[name].keys() for name in original)  # adapter layers unloaded
+    assert fused_model.source["sha256"] != load_model("tiny-sdxl").source["sha256"]
+    zero = weights(fuse_loras(load_model("tiny-sdxl"), check_loras((LoraSpec(path, 0.0),))))
+    assert all(torch.equal(original[n][k], zero[n][k]) for n in original for k in original[n])
