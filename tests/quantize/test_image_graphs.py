@@ -69,7 +69,7 @@ def _heldout(graph: str, manifest, graphs, tiny_model) -> list[dict]:
 
     ids = [tokenizer_fn(tiny_model)(p) for p in HELDOUT]
     if graph == "text_encoder":
-        return [{"input_ids": i} for i in ids]
+        return [dict(i) for i in ids]  # the text encoder graph's feeds (input_ids; SDXL: input_ids_2 too)
     runner = BundleRunner.from_sessions(manifest, graphs)
     return [{"latents": runner.generate(*runner.encode_ids(i), unit_noise(manifest["latent"]["shape"], 100 + k)).latents}
             for k, i in enumerate(ids)]
