@@ -58,6 +58,7 @@ class BuildOptions:
     # with its learned adaptor, 30.8% with the identity one (docs/builtin_model.md)
     model_adaptor: bool = False
     loras: tuple[LoraSpec, ...] = ()  # --lora FILE [--lora-scale F]: fused at load, in this order (docs/lora.md)
+    a8_plan: Path | None = None  # --a8-plan BUNDLE: start from that bundle's 8-bit choices (cw_export.quantize.plan)
 
 
 def check_build_settings(recipe: Recipe) -> None:
@@ -107,22 +108,36 @@ def build_bundle(recipe: Recipe, options: BuildOptions) -> Path:
 
         check_settings(recipe.quantization)
         check_prompt_sources(recipe)
+    plan = None
+    if options.a8_plan is not None:
+        from .quantize.plan import read_a8_plan
+
+        if not recipe.quantized:
+            raise InputError(f"--a8-plan only applies to quantized targets; target '{recipe.name}' is FP32")
+        plan = read_a8_plan(options.a8_plan)  # a bad plan fails here, before any heavy work
+        if recipe.quantization.backend != "ort" and any(plan.bits(g) == "8+16" for g in plan.graphs):
+            raise InputError(f"--a8-plan {options.a8_plan} has per-MAC mixes, which only the ort backend builds; "
+                             f"this build's backend is {recipe.quantization.backend}")
     if options.socs:
         from .quantize.qnn.context_binaries import check_context_settings
 
         check_context_settings(tuple(options.socs), recipe.quantized)
     total = 4 + 3 * recipe.quantized + bool(options.socs)
     with progress_bar(total=total, enabled=options.progress, desc="build", unit="stage") as stages:
-        return _build(recipe, options, out, stages, loras)
+        return _build(recipe, options, out, stages, loras, plan)
 
 
-def _build(recipe: Recipe, options: BuildOptions, out: Path, stages, loras=()) -> Path:
+def _build(recipe: Recipe, options: BuildOptions, out: Path, stages, loras=(), plan=None) -> Path:
     # 1. load
     stages.set_postfix_str("load model")
     pause_point("load")
     model = fuse_loras(load_model(options.model), loras)
     latent = latent_hw(model, recipe)
     check_build_memory(model, latent)
+    if plan is not None:
+        from .quantize.plan import check_plan_model
+
+        check_plan_model(plan, model.source)
     table = schedulers.build_step_table(recipe.build.sampler, model.scheduler_config, recipe.build.steps)
     # 2. adaptor
     wants_shipped = options.adaptor_checkpoint is None and (options.model_adaptor or recipe.build.adaptor == "learned")
@@ -157,7 +172,7 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages, loras=()) -
             records.adaptor.update(adaptor_checkpoint.provenance())
         # 6. quantize
         if recipe.quantized:
-            quantize_bundle(model, recipe, records, tmp, adaptor_state, options, stages)
+            quantize_bundle(model, recipe, records, tmp, adaptor_state, options, stages, plan)
         # 7. context binaries
         if options.socs:
             from .quantize.qnn.context_binaries import context_stage
@@ -187,7 +202,7 @@ def check_written_bundle(folder: Path) -> None:
 
 
 def quantize_bundle(model: SDModel, recipe: Recipe, records: BuildRecords, bundle: Path,
-                    adaptor_state: dict | None, options: BuildOptions, stages) -> None:
+                    adaptor_state: dict | None, options: BuildOptions, stages, plan=None) -> None:
     """Calibrate -> quantize -> parity gate, one stage function each; their records go into ``records``."""
     from .calibrate.stage import calibrate_stage
     from .export.torch_graphs import torch_graphs
@@ -207,7 +222,7 @@ def quantize_bundle(model: SDModel, recipe: Recipe, records: BuildRecords, bundl
         fallback_dir = Path(held)
         fp32_held = hold_fp32(recipe, records.graphs, bundle, fallback_dir)
         quantized = quantize_stage(recipe, records.manifest(), records.graphs, graphs, calibration, bundle,
-                                   options.progress, fallback_dir)
+                                   options.progress, fallback_dir, plan)
         records.graphs = quantized.entries
         del calibration  # the parity stage measures on held-out prompts; these samples need not stay in memory
         stages.update()

@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "off = that graph stays 16-bit, block/layer = 8 bits per block/layer that keeps them, mac = "
                        "8 bits on the inputs of each Conv/MatMul that keeps them (default: recipe; each group costs "
                        "one scoring run of the graph: 'off' is the budget setting for SD 1.5-size models)")
+    quant.add_argument("--a8-plan", type=Path, metavar="BUNDLE",
+                       help="start from the 8-bit choices of an earlier bundle of the same model (e.g. swept at a "
+                       "small --height/--width) instead of sweeping again: each graph keeps the longest prefix of "
+                       "that bundle's 8-bit MAC list that passes this build's floors and gate (docs/quantization.md)")
     quant.add_argument("--a8-range", choices=A8_RANGES,
                        help="range setting of 8-bit activations: minmax, or percentile (clips rare outliers; "
                        "default: recipe)")
@@ -156,7 +160,8 @@ def _apply_quantization_flags(recipe, args):
     given = [flag for flag, value in (("--calibration", args.calibration),
                                       ("--calibration-prompts", args.calibration_prompts),
                                       ("--calibration-samples", args.calibration_samples),
-                                      ("--a8-sweep", args.a8_sweep), ("--a8-range", args.a8_range),
+                                      ("--a8-sweep", args.a8_sweep), ("--a8-plan", args.a8_plan),
+                                      ("--a8-range", args.a8_range),
                                       ("--parity-prompts", args.parity_prompts),
                                       ("--quant-backend", args.quant_backend)) if value is not None]
     if args.allow_low_parity:
@@ -263,7 +268,8 @@ def cmd_build(argv: list[str]) -> int:
     out = build_bundle(recipe, BuildOptions(model=args.model, out=args.out, overwrite=args.overwrite,
                                             adaptor_checkpoint=args.adaptor_checkpoint, progress=not args.quiet,
                                             allow_low_parity=args.allow_low_parity, socs=socs,
-                                            model_adaptor=args.adaptor is None, loras=_lora_specs(args)))
+                                            model_adaptor=args.adaptor is None, loras=_lora_specs(args),
+                                            a8_plan=args.a8_plan))
     print(f"bundle written: {out}")
     return 0
 

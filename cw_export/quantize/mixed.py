@@ -370,7 +370,15 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
         order = sorted(passing, key=lambda g: -priority[g])
     else:  # 2. least harmful first
         order = sorted(passing, key=lambda g: -result.margin_db[g])
-    low, high, best = 1, len(order), 0  # 3. the largest prefix of ``order`` that keeps the floors
+    best = _longest_passing_prefix(order, evaluate, result)  # 3. the largest prefix that keeps the floors
+    trial_file.unlink(missing_ok=True)
+    return _finish(result, base_file, build, groups, order[:best])
+
+
+def _longest_passing_prefix(order: list[str], evaluate, result: LayerSweep) -> int:
+    """Binary search for the longest prefix of ``order`` whose graph keeps the floors (its numbers go into
+    ``result.numbers``); 0 when none does."""
+    low, high, best = 1, len(order), 0
     while low <= high:
         mid = (low + high) // 2
         margin, numbers = evaluate(order[:mid])
@@ -378,11 +386,50 @@ def sweep(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float
             best, result.numbers, low = mid, numbers, mid + 1
         else:
             high = mid - 1
-    trial_file.unlink(missing_ok=True)
-    if best == 0:
+    return best
+
+
+def _finish(result: LayerSweep, base_file: Path, build, groups: dict, chosen: list[str]):
+    """Record the chosen groups and write their mixed graph beside ``base_file`` (None when nothing was chosen)."""
+    import onnx
+
+    if not chosen:
         return result, None
-    result.a8_groups = order[:best]
-    result.a8_tensors = [t for g in result.a8_groups for t in groups[g]]  # mac: the MAC nodes
+    result.a8_groups = chosen
+    result.a8_tensors = [t for g in chosen for t in groups[g]]  # mac: the MAC nodes
     mixed_file = base_file.with_name(base_file.stem + ".mixed.onnx")
     onnx.save_model(build(result.a8_tensors), str(mixed_file))
     return result, mixed_file
+
+
+def replay(base_file: Path, donor_file: Path, score: Callable[[Path], tuple[float, dict]],
+           macs: list[str]) -> tuple[LayerSweep, Path | None]:
+    """The longest prefix of an a8 plan's MAC list (cw_export.quantize.plan) that keeps the floors on this
+    graph, instead of a sweep: the full list is scored first (one run when it passes), then a binary search.
+    A MAC the graph cannot convert is an InputError (the plan came from another export)."""
+    import onnx
+
+    from ..onnx_index import load_with_small_tensors
+    from .plan import check_plan_names
+
+    base = load_with_small_tensors(base_file)
+    donor = load_with_small_tensors(donor_file)
+    check_plan_names(macs, convertible_macs(base, donor), base_file.stem)
+    result = LayerSweep(depth="mac")
+    trial_file = base_file.with_name(base_file.stem + ".trial.onnx")
+
+    def build(members: list[str]):
+        return convert_macs(base, donor, members)
+
+    def evaluate(chosen: list[str]) -> tuple[float, dict]:
+        onnx.save_model(build(chosen), str(trial_file))
+        result.evaluations += 1
+        return score(trial_file)
+
+    margin, numbers = evaluate(list(macs))
+    if margin >= 0:
+        best, result.numbers = len(macs), numbers
+    else:
+        best = _longest_passing_prefix(list(macs)[:-1], evaluate, result)
+    trial_file.unlink(missing_ok=True)
+    return _finish(result, base_file, build, {m: [m] for m in macs}, list(macs)[:best])

@@ -36,10 +36,11 @@ class QuantizeResult:
 
 def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graphs: dict,
                    calibration: CalibrationSet, bundle: Path, progress: bool,
-                   fallback_dir: Path | None = None) -> QuantizeResult:
+                   fallback_dir: Path | None = None, plan=None) -> QuantizeResult:
     """Quantize every graph the recipe quantizes (``graphs_to_quantize``) of the bundle whose manifest view is
     ``manifest`` and whose graph entries are ``entries``; the graphs it does not quantize get an FP32 record with
-    the reason."""
+    the reason. With an a8 ``plan`` (cw_export.quantize.plan) a candidate graph starts from the plan's choice
+    instead of sweeping; a candidate the plan does not cover is swept as without one."""
     from ..progress import progress_bar
 
     q = recipe.quantization
@@ -71,12 +72,20 @@ def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graph
                       else "a16: default for graphs the recipe does not name")
             sweep = None
             result = None
-            if name in q.a8_candidates:
+            planned = plan.bits(name) if plan is not None and name in q.a8_candidates else None
+            if planned == 16:
+                bits, reason = 16, "a16: the a8 plan (--a8-plan) keeps this graph at 16 bits"
+                sweep = {"plan": plan.source}
+            elif name in q.a8_candidates:
                 trial = run(8)
                 numbers = _a8_score(trial.file, graph, calibration.graphs[name], config)
                 sweep = {"a8_sqnr_db": numbers["sqnr_db"], "a8_guidance_sqnr_db": numbers.get("guidance_sqnr_db"),
                          "threshold_db": q.a8_min_sqnr_db, "guidance_threshold_db": q.a8_min_guidance_sqnr_db,
                          "samples": SWEEP_SAMPLES, "data": "calibration samples"}
+                plan_macs = None
+                if planned is not None:
+                    sweep["plan"] = plan.source
+                    plan_macs = plan.macs(name)
                 if a8_margin(numbers, q) >= 0:
                     bits, result = 8, trial
                     reason = f"a8: sensitivity sweep {_describe(numbers)} within the recipe's floors"
@@ -85,28 +94,40 @@ def quantize_stage(recipe, manifest: dict, entries: dict[str, GraphEntry], graph
                 else:
                     bits = 16
                     reason = f"a16: 8-bit activations gave {_describe(numbers)}, below the recipe's floors"
-                    if depth != "off":
+                    if planned is not None and not plan_macs:
+                        reason += "; the a8 plan (--a8-plan) has no MAC mix for this graph"
+                    elif planned is not None or depth != "off":
+                        graph_depth = "mac" if planned is not None else depth  # a plan's mix: MAC nodes
                         result = run(16)
                         held = hold_a16(result, name, fallback_dir) if fallback_dir is not None else None
                         mix = (lambda a8_tensors: run(16, a8_tensors)) if getattr(backend, "MIXES", False) else None
-                        layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q, depth, mix)
+                        layers = _layer_sweep(result, trial, graph, calibration.graphs[name], config, q, graph_depth,
+                                              mix, plan_macs)
                         sweep["layers"] = layers.as_dict()
                         if layers.a8_groups:
                             bits = "8+16"
-                            if held is not None and depth == "mac":  # the gate may keep a prefix of the mix
+                            if held is not None and graph_depth == "mac":  # the gate may keep a prefix of the mix
                                 held = held.with_mac_mix(layers.a8_groups, hold_a8_donor(trial, name, fallback_dir))
                             if held is not None:
                                 fallbacks[name] = held
-                            unit = SWEEP_UNITS[depth]
-                            reason = (f"a8 in {len(layers.a8_groups)} of {len(layers.margin_db)} "
-                                      f"{unit}s, a16 elsewhere: the per-{unit} sweep keeps "
-                                      f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})"
-                                      + (MAC_NEEDS_ORT if depth != q.a8_layer_sweep else ""))
+                            unit = SWEEP_UNITS[graph_depth]
+                            if plan_macs:
+                                reason = (f"a8 in {len(layers.a8_groups)} of the a8 plan's {len(plan_macs)} MACs "
+                                          f"(--a8-plan, {layers.evaluations} scoring runs), a16 elsewhere: keeps "
+                                          f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})")
+                            else:
+                                reason = (f"a8 in {len(layers.a8_groups)} of {len(layers.margin_db)} "
+                                          f"{unit}s, a16 elsewhere: the per-{unit} sweep keeps "
+                                          f"{_describe(layers.numbers)} (whole graph at a8: {_describe(numbers)})"
+                                          + (MAC_NEEDS_ORT if graph_depth != q.a8_layer_sweep else ""))
+                        elif plan_macs:
+                            reason += (f"; no prefix of the a8 plan's {len(plan_macs)} MACs keeps the floors "
+                                       f"({layers.evaluations} scoring runs)")
                         elif layers.refused:
                             reason += (f"; the sweep's mix, converted for the NPU, gave "
                                        f"{_describe(layers.refused['converted_mix'])}")
                         else:
-                            reason += f"; no {SWEEP_UNITS[depth]} keeps the floors at 8 bits on its own"
+                            reason += f"; no {SWEEP_UNITS[graph_depth]} keeps the floors at 8 bits on its own"
             if result is None:
                 result = run(bits)
             external = move_graph(result.file, bundle / "graphs", name)
@@ -160,7 +181,7 @@ def sweep_depth(q, backend) -> str:
     return q.a8_layer_sweep
 
 
-def _layer_sweep(a16, a8, graph, data, config: dict, q, depth: str, mix=None):
+def _layer_sweep(a16, a8, graph, data, config: dict, q, depth: str, mix=None, plan_macs: list[str] | None = None):
     """Per-layer mixed precision (cw_export.quantize.mixed); rewrites ``a16`` in place into the mixed graph (and
     its encodings) when some layers can go to 8 bits.
 
@@ -170,16 +191,20 @@ def _layer_sweep(a16, a8, graph, data, config: dict, q, depth: str, mix=None):
     input and output differ in bit width needs a conversion between them (measured: the QNN HTP refuses the merged
     low_res and adaptor of the built-in model). ``mix(a8_tensors)``, where the backend offers it (ort: onnxruntime's
     mixed-precision overrides add the conversions), quantizes the chosen mix anew with the same 8-bit parameters;
-    that graph is scored again and ships only if it still keeps the floors."""
+    that graph is scored again and ships only if it still keeps the floors. ``plan_macs`` (an a8 plan's MAC
+    list, depth "mac") replaces the sweep by the longest prefix of that list that keeps the floors."""
     import json
 
-    from .mixed import a8_parameters, merge_encodings, sweep
+    from .mixed import a8_parameters, merge_encodings, replay, sweep
 
     def score(path: Path) -> tuple[float, dict]:
         numbers = _a8_score(path, graph, data, config)
         return a8_margin(numbers, q), numbers
 
-    layers, mixed_file = sweep(a16.file, a8.file, score, depth=depth, order_by=q.a8_mac_order)
+    if plan_macs:
+        layers, mixed_file = replay(a16.file, a8.file, score, plan_macs)
+    else:
+        layers, mixed_file = sweep(a16.file, a8.file, score, depth=depth, order_by=q.a8_mac_order)
     if mixed_file is not None and mix is not None and depth != "mac":  # mac: converted as scored
         mixed = mix(a8_parameters(a8.file, layers.a8_tensors))
         margin, numbers = score(mixed.file)

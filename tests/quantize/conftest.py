@@ -18,11 +18,11 @@ def small_recipe(target: str = "snapdragon-w8a16", backend: str = "ort", **parit
     return recipe.with_parity(**{**TINY_PARITY, **parity})
 
 
-def build(recipe, out, allow_low_parity: bool = False):
+def build(recipe, out, allow_low_parity: bool = False, **options):
     from cw_export.build import BuildOptions, build_bundle
 
     return build_bundle(recipe, BuildOptions(model="tiny-random", out=out, progress=False,
-                                             allow_low_parity=allow_low_parity))
+                                             allow_low_parity=allow_low_parity, **options))
 
 
 
@@ -54,7 +54,7 @@ def w8a16_bundle(tmp_path_factory):
     return build(small_recipe(), tmp_path_factory.mktemp("w8a16") / "bundle")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def quant():
     """The helpers above, for test modules (pytest runs with --import-mode=importlib: no sys.path imports)."""
     return SimpleNamespace(build=build, small_recipe=small_recipe)

@@ -293,9 +293,8 @@ def test_aimet_encodings_follow_the_merged_graph(low_res, tmp_path):
         assert bits[t] == (8 if types[t] == onnx.TensorProto.UINT8 else 16), t
 
 
-def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
-    """snapdragon-int8 on the tiny model: low_res fails whole at a8 (measured: guidance SQNR < 0 dB) and gets a
-    per-MAC mix; the manifest's a8 MACs are exactly the MACs of the shipped graph that read 8-bit activations."""
+def mixed_recipe(quant):
+    """snapdragon-int8 at the test budget, with floors and a gate that let the tiny model's low_res take a mix."""
     recipe = quant.small_recipe("snapdragon-int8", backend="ort")
     # 2 calibration prompts (the test budget) give cruder ranges than the recipe's 16: a lower guidance floor keeps
     # the mixed path reachable (with the recipe's budget and floors the sweep keeps 2-4 blocks, docs/quantization.md)
@@ -306,8 +305,19 @@ def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
     # three times inside it, so which path this test takes no longer depends on the machine; the fallback path
     # itself is tested in test_gate.py::test_a8_choice_that_fails_the_gate_falls_back_to_a16.
     recipe = recipe.with_parity(guidance_ratio_tolerance=GATE_GUIDANCE_TOLERANCE)
-    recipe = recipe.with_quantization(a8_gate_guidance_tolerance=0.0)  # the back-off aims at that gate, no tighter
-    bundle = quant.build(recipe, tmp_path / "bundle")
+    return recipe.with_quantization(a8_gate_guidance_tolerance=0.0)  # the back-off aims at that gate, no tighter
+
+
+@pytest.fixture(scope="module")
+def mixed_build(quant, tmp_path_factory):
+    recipe = mixed_recipe(quant)
+    return recipe, quant.build(recipe, tmp_path_factory.mktemp("mixed-build") / "bundle")
+
+
+def test_build_records_and_ships_the_mixed_graph(mixed_build):
+    """snapdragon-int8 on the tiny model: low_res fails whole at a8 (measured: guidance SQNR < 0 dB) and gets a
+    per-MAC mix; the manifest's a8 MACs are exactly the MACs of the shipped graph that read 8-bit activations."""
+    recipe, bundle = mixed_build
     manifest = read_manifest(bundle)
     entry = manifest["graphs"][GRAPH]
     sweep_record = entry["quantization"]["sweep"]
@@ -331,6 +341,86 @@ def test_build_records_and_ships_the_mixed_graph(quant, tmp_path):
     # the recorded decision agrees with the recorded numbers: every step's guidance ratio is inside the gate's bound
     assert all(abs(s["guidance_ratio"] - 1) <= GATE_GUIDANCE_TOLERANCE for s in parity["steps"]), parity["steps"]
     assert np.isfinite(parity["graphs"][GRAPH]["sqnr_db"])
+
+
+def test_a8_plan_rebuilds_the_same_mix_in_one_scoring_run(quant, mixed_build, tmp_path):
+    """``--a8-plan`` (cw_export.quantize.plan): a build of the same model and settings started from the mixed
+    bundle's choices scores the plan's MAC list once instead of sweeping, ships the same MACs at 8 bits and the
+    same low_res graph byte for byte, and records where the plan came from."""
+    import hashlib
+
+    recipe, source = mixed_build
+    planned = read_manifest(source)["graphs"][GRAPH]["quantization"]["sweep"]["layers"]
+    bundle = quant.build(recipe, tmp_path / "bundle", a8_plan=source)
+    entry = read_manifest(bundle)["graphs"][GRAPH]
+    layers = entry["quantization"]["sweep"]["layers"]
+    assert layers["a8_groups"] == planned["a8_groups"], entry["quantization"]["reason"]
+    assert layers["evaluations"] == 1 < planned["evaluations"]
+    assert "a8 plan" in entry["quantization"]["reason"]
+    plan_sha = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
+    assert entry["quantization"]["sweep"]["plan"]["manifest_sha256"] == plan_sha
+    assert (bundle / "graphs" / f"{GRAPH}.onnx").read_bytes() == (source / "graphs" / f"{GRAPH}.onnx").read_bytes()
+
+
+def test_a8_plan_replay_keeps_the_longest_prefix_that_keeps_the_floors(ort_pair):
+    """A plan's MAC list that misses the floors on this build is cut to its longest passing prefix (binary
+    search, in the plan's order) rather than swept; a MAC the graph does not have is one InputError."""
+    from cw_export.errors import InputError
+    from cw_export.quantize.mixed import replay
+
+    macs = convertible_macs(*(onnx.load(str(r.file)) for r in ort_pair))
+    plan = list(reversed(macs))[:7]
+
+    def score(path):  # passes with at most 3 MACs at 8 bits
+        margin = 3.5 - len(eight_bit_macs(path))
+        return margin, {"sqnr_db": 30.0 + margin}
+
+    result, mixed = replay(ort_pair[0].file, ort_pair[1].file, score, plan)
+    assert result.a8_groups == plan[:3] and eight_bit_macs(mixed) == set(plan[:3])
+    assert result.evaluations <= 1 + math.ceil(math.log2(len(plan))) + 1
+    mixed.unlink()
+    with pytest.raises(InputError, match="not convertible MACs"):
+        replay(ort_pair[0].file, ort_pair[1].file, score, [*plan[:2], "/no/such/Conv"])
+
+
+def _plan_folder(source: Path, folder: Path, change) -> Path:
+    """A copy of ``source``'s manifest (alone: a plan reads nothing else), changed and re-signed as an attacker
+    or a stale plan would have it."""
+    from cw_export.contract.manifest import manifest_bytes
+
+    manifest = json.loads((source / "manifest.json").read_text(encoding="utf-8"))
+    change(manifest)
+    folder.mkdir()
+    (folder / "manifest.json").write_bytes(manifest_bytes(manifest))
+    return folder
+
+
+def test_bad_a8_plans_are_one_line_errors_before_any_heavy_work(mixed_build, tmp_path, capsys):
+    from cw_export.cli import main
+    from user_errors import CliResult, assert_nothing_written, assert_user_error
+
+    _, source = mixed_build
+
+    def other_model(m):
+        m["source_model"]["sha256"] = "0" * 64
+
+    def no_mac_list(m):
+        del m["graphs"][GRAPH]["quantization"]["sweep"]["layers"]["a8_groups"]
+
+    cases = [(source.parent / "missing", "bundle folder not found"),
+             (_plan_folder(source, tmp_path / "other", other_model), "comes from another model"),
+             (_plan_folder(source, tmp_path / "nolist", no_mac_list), "without a per-MAC list")]
+    for plan, fragment in cases:
+        out = tmp_path / "out"
+        code = main(["--model", "tiny-random", "--target", "snapdragon-int8", "--a8-plan", str(plan),
+                     "--out", str(out), "--quiet"])
+        captured = capsys.readouterr()
+        assert_user_error(CliResult(code, captured.out, captured.err), fragment)
+        assert_nothing_written(tmp_path, {"other", "nolist"})
+    code = main(["--model", "tiny-random", "--target", "cpu-fp32", "--a8-plan", str(source), "--out",
+                 str(tmp_path / "fp32"), "--quiet"])
+    captured = capsys.readouterr()
+    assert_user_error(CliResult(code, captured.out, captured.err), "only apply to quantized targets")
 
 
 def test_aimet_mixed_bundle_passes_its_own_validate(quant, tmp_path):
