@@ -173,10 +173,12 @@ def make_settings(args, model, hidden, pooled, noise) -> list[Setting]:
     settings = [torch_setting("a torch-sd", 1), torch_setting("b torch-clockwork", 2)]
     bundles = [("c bundle-fp32", args.fp32_bundle)] + ([("d bundle-int8", args.int8_bundle)] if args.int8_bundle else [])
     for name, path in bundles:
-        runner = BundleRunner(path, threads=args.threads)
-        for clock in (1, 2):
-            settings.append(Setting(f"{name}", clock, lambda hook, r=runner, c=clock: r.generate(
-                hidden, pooled, noise, steps=args.steps, clock=c, guidance_scale=args.guidance, on_step=hook)))
+        for arena in args.arenas:  # the runtime's default first: it keeps the plain name the ratios use
+            runner = BundleRunner(path, threads=args.threads, arena=arena)
+            label = name if arena == args.arenas[0] else f"{name} arena-{arena}"
+            for clock in (1, 2):
+                settings.append(Setting(label, clock, lambda hook, r=runner, c=clock: r.generate(
+                    hidden, pooled, noise, steps=args.steps, clock=c, guidance_scale=args.guidance, on_step=hook)))
     return settings
 
 
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and onnxruntime intra-op threads")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--arenas", nargs="+", choices=["shared", "off"], default=["shared"],
+                        help="CPU memory arena settings of the bundle runners (cw_export.runtime.sessions), each its "
+                        "own setting; the first keeps the plain name")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -244,9 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     # the torch wrapper skips what the bundle's identity-adaptor clocked step skips, bar UP-2's upsampler conv
     # (cached after it, PAPER.md): the bundle's FLOP saving is the reference for both
     fp32_flops = inspect_bundle(args.fp32_bundle, args.steps, 2)["schedule"]["saving_pct"]
-    flop_saving = {"b torch-clockwork": fp32_flops, "c bundle-fp32": fp32_flops}
-    if args.int8_bundle:
-        flop_saving["d bundle-int8"] = inspect_bundle(args.int8_bundle, args.steps, 2)["schedule"]["saving_pct"]
+    flop_saving = {"b torch-clockwork": fp32_flops}
+    int8_flops = inspect_bundle(args.int8_bundle, args.steps, 2)["schedule"]["saving_pct"] if args.int8_bundle else None
+    for s in settings:
+        if s.name.startswith("c bundle-fp32"):
+            flop_saving[s.name] = fp32_flops
+        elif s.name.startswith("d bundle-int8"):
+            flop_saving[s.name] = int8_flops
     load_before = os.getloadavg()
     for _ in range(args.warmup):
         for s in settings:

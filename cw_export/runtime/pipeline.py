@@ -45,11 +45,13 @@ class BundleRunner:
     """Loads a verified bundle's graphs once and runs trajectories through them."""
 
     def __init__(self, bundle: str | os.PathLike, provider: str = "cpu", verify: bool = True,
-                 threads: int = 0) -> None:
+                 threads: int = 0, arena: str = "shared") -> None:
         """``threads``: onnxruntime intra-op threads per session (0: onnxruntime's default, one per physical core);
-        a speed setting only: the outputs do not depend on it (tests/runtime/test_sessions.py)."""
+        ``arena``: "shared" (one CPU memory arena for the runner's sessions) or "off" (``sessions.session_options``).
+        Speed and memory settings only: the outputs depend on neither (tests/runtime/test_sessions.py)."""
         self.bundle = Path(bundle)
         self.threads = threads
+        self.arena = arena
         check_provider(provider)
         self.manifest = load_verified(self.bundle, verify=verify)
         self.provider = provider
@@ -67,6 +69,7 @@ class BundleRunner:
         runner.manifest = manifest
         runner.provider = "cpu"
         runner.threads = 0
+        runner.arena = "off"
         runner._sessions = dict(sessions)
         runner._calls = {}
         runner._plans = {}
@@ -79,7 +82,7 @@ class BundleRunner:
             # the session settings parity was measured under (manifest "session_options"; PLATFORM.md), the graph
             # read through the bundle's confinement (sessions.bundle_session)
             self._sessions[graph] = bundle_session(self.bundle, self.manifest, graph, self.provider,
-                                                  threads=self.threads)
+                                                  threads=self.threads, arena=self.arena)
         return self._sessions[graph]
 
     # -- text ---------------------------------------------------------------------------------------------------

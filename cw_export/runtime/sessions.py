@@ -62,18 +62,44 @@ def manifest_session_config(manifest: dict) -> dict:
         raise BundleError(f"manifest session_options are invalid: {exc}") from None
 
 
+ARENAS = ("off", "shared")  # CPU activation memory: malloc per call, or one arena shared by the process's sessions
+_shared_arena_registered = False
+
+
+def _register_shared_arena() -> None:
+    """Register one CPU arena allocator in onnxruntime's environment (once per process) for sessions that opt in
+    with ``session.use_env_allocators``: they reuse each other's freed blocks, so the process holds about the
+    largest graph's activation memory instead of every graph's (a per-session arena) or none (arena off, where every
+    call maps and faults in its large buffers anew)."""
+    global _shared_arena_registered
+    if not _shared_arena_registered:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
+        _shared_arena_registered = True
+
+
 def session_options(disabled_optimizers: list[str] | None = None, threads: int = 0,
-                    graph_optimization_level: str = "all") -> ort.SessionOptions:
+                    graph_optimization_level: str = "all", arena: str = "off") -> ort.SessionOptions:
     """SessionOptions for one level; ``disabled_optimizers`` is accepted for symmetry and applied by create_session.
 
-    The CPU memory arena is off: an arena keeps each session's peak activation memory for the session's lifetime,
-    and a bundle holds one session per graph. Measured on the SD 1.5 snapdragon-int8 bundle at 256x256
-    (`cw-export run`, 8 steps): peak RSS 4.94 GiB with the arena, 2.02 GiB without, wall time 65 s vs 54 s; at
-    512x512 the 4096-token attention of every high-res graph stayed allocated in the build's parity stage (21.4 GiB).
+    ``arena`` "off" (the build's and validate's sessions): no CPU memory arena. A per-session arena keeps each
+    session's peak activation memory for the session's lifetime, and a bundle holds one session per graph: measured
+    on the SD 1.5 snapdragon-int8 bundle at 256x256 (`cw-export run`, 8 steps) peak RSS 4.94 GiB with it, 2.02 GiB
+    without; at 512x512 the 4096-token attention of every high-res graph stayed allocated in the build's parity
+    stage (21.4 GiB). "shared" (the runtime, ``BundleRunner``): one arena for all sessions of the process
+    (``_register_shared_arena``); measured on the SD 1.5 FP32 graphs at 256x256, 2 threads: high_res_in 0.61 vs
+    0.75 s per call, high_res_out 1.29 vs 1.42 s, low_res 3.07 vs 3.11 s (docs/benchmarks.md). The allocator
+    changes no output (tests/runtime/test_sessions.py).
     """
+    if arena not in ARENAS:
+        raise InputError(f"onnxruntime arena setting '{arena}' unknown; available: {', '.join(ARENAS)}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False
+    if arena == "shared":
+        _register_shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    else:
+        options.enable_cpu_mem_arena = False
     options.graph_optimization_level = OPTIMIZATION_LEVELS[graph_optimization_level]
     if threads:
         options.intra_op_num_threads = threads
@@ -103,7 +129,8 @@ def _session(model: Path | InMemoryGraph, options: ort.SessionOptions, **kwargs)
 
 
 def create_session(path: Path | InMemoryGraph, provider: str = "cpu", options: ort.SessionOptions | None = None,
-                   config: dict | None = None, precision: str | None = None, threads: int = 0):
+                   config: dict | None = None, precision: str | None = None, threads: int = 0,
+                   arena: str = "off"):
     """An InferenceSession for one graph (a file, or an InMemoryGraph: ``bundle_session``) on the named provider.
 
     ``precision`` is the manifest's graph precision: on ``qnn-htp`` an ``fp32`` graph runs on the CPU EP, any other
@@ -111,12 +138,15 @@ def create_session(path: Path | InMemoryGraph, provider: str = "cpu", options: o
 
     ``config`` (a ``session_config`` dict, e.g. a manifest's ``session_options``) sets the optimisation level and the
     disabled optimizers; without it onnxruntime's defaults apply. ``threads`` (with ``config``) sets the intra-op
-    thread count (0: onnxruntime's default).
+    thread count (0: onnxruntime's default) and ``arena`` the CPU memory arena (``session_options``).
     """
     check_provider(provider)
+    if provider == "qnn-htp" and precision != "fp32":
+        arena = "off"  # the shared arena was measured on the CPU EP only
     disabled: list[str] = []
     if config is not None:
-        options = session_options(graph_optimization_level=config["graph_optimization_level"], threads=threads)
+        options = session_options(graph_optimization_level=config["graph_optimization_level"], threads=threads,
+                                  arena=arena)
         disabled = list(config.get("disabled_optimizers", []))
     kwargs = {"disabled_optimizers": disabled} if disabled else {}
     model = path if isinstance(path, InMemoryGraph) else Path(path)
@@ -125,7 +155,8 @@ def create_session(path: Path | InMemoryGraph, provider: str = "cpu", options: o
     return _session(model, options or session_options(), providers=["CPUExecutionProvider"], **kwargs)
 
 
-def bundle_session(bundle: str | os.PathLike, manifest: dict, graph: str, provider: str = "cpu", threads: int = 0):
+def bundle_session(bundle: str | os.PathLike, manifest: dict, graph: str, provider: str = "cpu", threads: int = 0,
+                   arena: str = "off"):
     """The session of one graph of a bundle, under the manifest's recorded session settings.
 
     The graph file and its external data are read through the confinement (``graph_file.read_graph``, files mapped
@@ -138,7 +169,7 @@ def bundle_session(bundle: str | os.PathLike, manifest: dict, graph: str, provid
     files = {location: map_inside(bundle, rel) for location, rel in external.items()}
     try:
         return create_session(InMemoryGraph(graph, data, files), provider, config=config,
-                              precision=spec.get("precision", "fp32"), threads=threads)
+                              precision=spec.get("precision", "fp32"), threads=threads, arena=arena)
     finally:
         for mapped in files.values():
             if isinstance(mapped, mmap.mmap):
