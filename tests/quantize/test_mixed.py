@@ -268,6 +268,8 @@ def test_percentile_ranges_clip_inside_min_max(ort_pair, low_res, tmp_path):
     assert len(shared) > 20
     assert all(percentile[t] <= minmax[t] * (1 + 1e-5) for t in shared)
     assert sum(percentile[t] < 0.95 * minmax[t] for t in shared) >= 1
+    again = get_backend("ort").quantize_graph(job, q, tmp_path / "pct-again")  # deterministic: the same bytes
+    assert again.file.read_bytes() == clipped.file.read_bytes()
 
 
 def test_sweep_returns_nothing_when_no_group_fits(ort_pair):
