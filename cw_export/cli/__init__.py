@@ -231,6 +231,9 @@ def validate_parser() -> argparse.ArgumentParser:
                         "memory allow)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="with --sample: write the per-graph and "
                         "per-sample numbers to OUT")
+    parser.add_argument("--graph", action="append", metavar="NAME", help="with --sample: check only this quantized "
+                        "graph (repeatable; e.g. the one that failed, on a model where each graph takes an hour on "
+                        "the emulated HTP)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

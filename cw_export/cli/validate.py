@@ -26,8 +26,15 @@ def validate_command(args: argparse.Namespace) -> int:
     if sample is not None and "parity" not in manifest:
         raise InputError(f"--sample checks a quantized bundle's graphs on {provider}; {bundle} is FP32 (no graph "
                          "runs there; validate without --sample)")
-    sampled = None if sample is None else SampledOptions(sample, getattr(args, "workers", None), getattr(args, "json", None),
-                                                    not getattr(args, "quiet", False))
+    only = tuple(getattr(args, "graph", None) or ())
+    recorded = manifest.get("parity")
+    if only and isinstance(recorded, dict) and isinstance(recorded.get("graphs"), dict):  # before the FP32 runs
+        from ..validate.sampled import selected_graphs
+
+        selected_graphs(sorted(recorded["graphs"]), only)
+    sampled = None if sample is None else SampledOptions(
+        sample, getattr(args, "workers", None), getattr(args, "json", None), not getattr(args, "quiet", False),
+        only)
     checks = validate_bundle(bundle, manifest, not args.no_parity, provider, record, sampled)
     print_table(checks)
     failed = [c.name for c in checks if not c.ok]
@@ -40,7 +47,7 @@ def validate_command(args: argparse.Namespace) -> int:
 def check_sample_flags(args: argparse.Namespace, provider: str, sample: int | None) -> None:
     """--sample and the flags that go with it, checked before the bundle is read (one line, exit 2)."""
     if sample is None:
-        for flag in ("workers", "json"):
+        for flag in ("workers", "json", "graph"):
             if getattr(args, flag, None) is not None:
                 raise InputError(f"--{flag} goes with --sample N (the sampled check on --provider qnn-htp)")
         return

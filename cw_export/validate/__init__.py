@@ -37,6 +37,7 @@ class SampledOptions:
     workers: int | None = None  # None: as many as cores and memory allow
     json_out: Path | None = None
     progress: bool = True
+    graphs: tuple[str, ...] = ()  # --graph: only these quantized graphs (empty: all)
 
 
 def validate_bundle(bundle: Path, manifest: dict, parity: bool = True, provider: str = "cpu",

@@ -46,7 +46,7 @@ def parity_checks(bundle: Path, manifest: dict, provider: str = "cpu", record: b
             skipped = graphs.startswith("skipped")
             return [Check("sampled parity" if skipped else "session options", skipped, graphs)]
         return sampled_parity_checks(bundle, manifest, model, graphs, provider, sampled.samples, sampled.workers,
-                                     sampled.json_out, sampled.progress)
+                                     sampled.json_out, sampled.progress, sampled.graphs)
     if "parity" in manifest:  # quantized bundle: re-measure its recorded numbers, re-check its gate
         return quantized_parity_checks(bundle, manifest, model, provider, record)
     runner = BundleRunner(bundle, provider=provider, verify=False)

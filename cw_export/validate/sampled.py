@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..calibrate.collect import graph_feeds, graph_outputs, graph_steps, unit_noise
+from ..errors import InputError
 from ..parity.measure import PooledSqnr, sqnr_db
 from .check import Check
 
@@ -293,6 +294,15 @@ def _graph_check(graph: str, provider: str, result: dict, n: int) -> Check:
                  f"{also}; {numbers}")
 
 
+def selected_graphs(quantized: list[str], only: tuple[str, ...]) -> list[str]:
+    """``quantized`` restricted to ``only`` (all when empty); a name the bundle does not quantize is one line."""
+    unknown = sorted(set(only) - set(quantized))
+    if unknown:
+        raise InputError(f"--graph {', '.join(unknown)}: not a quantized graph of this bundle; "
+                         f"its quantized graphs: {', '.join(quantized)}")
+    return [g for g in quantized if not only or g in only]
+
+
 def write_json(path: Path, report: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -302,16 +312,17 @@ def write_json(path: Path, report: dict) -> None:
 
 def sampled_parity_checks(bundle: Path, manifest: dict, model, fp32_graphs: dict, provider: str, n: int,
                           workers: int | None = None, json_out: Path | None = None,
-                          progress: bool = True) -> list[Check]:
+                          progress: bool = True, only: tuple[str, ...] = ()) -> list[Check]:
     """The sampled check of every quantized graph on ``provider`` against ``fp32_graphs`` (the FP32 torch graphs,
     ``validate.parity.reference_graphs``; module docstring); one Check per graph and one summary, which names what
-    this mode does not measure."""
+    this mode does not measure. ``only``: just these graphs (``--graph``; on a 512x512 model one graph on the
+    emulated HTP is an hour, so a user re-checks the one that failed)."""
     from ..calibrate.stage import tokenizer_fn
     from ..runtime.sessions import bundle_session
 
     started = time.perf_counter()
     recorded = manifest["parity"]
-    graphs = sorted(recorded["graphs"])
+    graphs = selected_graphs(sorted(recorded["graphs"]), only)
     minimum = recorded["thresholds"].get("graph_min_sqnr_db", 0)
     samples = gate_inputs(manifest, fp32_graphs, tokenizer_fn(model), recorded["prompts"], recorded["seeds"][0],
                           graphs, n, progress)
@@ -347,7 +358,8 @@ def sampled_parity_checks(bundle: Path, manifest: dict, model, fp32_graphs: dict
     failed = [g for g in graphs if not results[g]["passed"]]
     counts = sorted({len(samples[g]) for g in graphs})
     per_graph = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    detail = (f"{len(graphs)} graphs x {per_graph} samples of the gate's inputs (--sample {n}; held-out prompts "
+    scope = "" if not only else f" (--graph: {len(recorded['graphs']) - len(graphs)} other graph(s) not checked)"
+    detail = (f"{len(graphs)} graphs{scope} x {per_graph} samples of the gate's inputs (--sample {n}; held-out prompts "
               f"{len(recorded['prompts'])}, seeds from {recorded['seeds'][0]}), {workers} worker(s), {wall:.0f} s "
               f"({prepared - started:.0f} s FP32 trajectories and CPU EP); not measured on {provider} in this mode: "
               f"{', '.join(NOT_MEASURED)} (validate without --sample)")
@@ -359,7 +371,7 @@ def sampled_parity_checks(bundle: Path, manifest: dict, model, fp32_graphs: dict
             "provider": provider, "sample": n, "workers": workers, "wall_s": round(wall, 1),
             "prepare_s": round(prepared - started, 1), "prompts": recorded["prompts"],
             "seeds": [recorded["seeds"][0] + k for k in range(len(recorded["prompts"]))],
-            "graphs": results, "passed": not failed, "not_measured": list(NOT_MEASURED),
+            "graphs": results, "passed": not failed, "only": list(only), "not_measured": list(NOT_MEASURED),
             "definition": "SQNR = 10*log10(sum ref^2 / sum (x - ref)^2) in dB, worst output of the graph; pooled: "
                           "signal and noise summed over the samples (the parity gate's definition); worst / median: "
                           "over the per-sample values; steps are 1-based in labels, 0-based in 'step'",

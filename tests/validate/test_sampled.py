@@ -78,6 +78,7 @@ def test_bad_numbers_are_one_line_exit_2(flags, message, tmp_path, capsys):
     (["--provider", "cpu", "--sample", "4"], "--sample runs each graph on another provider"),
     (["--provider", "qnn-htp", "--workers", "2"], "--workers goes with --sample N"),
     (["--provider", "qnn-htp", "--json", "x.json"], "--json goes with --sample N"),
+    (["--provider", "qnn-htp", "--graph", "low_res"], "--graph goes with --sample N"),
     (["--provider", "qnn-htp", "--sample", "4", "--record"], "a --sample run measures only graphs"),
     (["--provider", "qnn-htp", "--sample", "4", "--no-parity"], "cannot be combined with --no-parity"),
 ])
@@ -173,3 +174,24 @@ def test_a_failing_worker_fails_its_graph_with_one_line(htp_bundle, tmp_path):
     np.savez(inputs, **{"00000/input_ids": np.zeros((2, 77), np.int64)})
     runs = run_workers(htp_bundle, {"nope": inputs}, {"nope": 1}, "qnn-htp", 1, progress=False)
     assert runs["nope"].error == "KeyError: 'nope'" and not runs["nope"].done
+
+
+@needs_htp
+@pytest.mark.slow  # the built-in bundle fixture
+def test_graph_flag_checks_only_the_named_graphs(htp_bundle, tmp_path, capsys):
+    report = tmp_path / "one.json"
+    code, lines, err = _validate(htp_bundle, capsys, "--sample", "4", "--graph", "low_res", "--json", str(report))
+    assert code == 0, (lines, err)
+    numbers = json.loads(report.read_text())
+    assert set(numbers["graphs"]) == {"low_res"} and numbers["only"] == ["low_res"] and numbers["passed"]
+    assert lines["low_res on qnn-htp (4 samples)"].startswith("PASS vs FP32 torch"), lines
+    assert not any(f"{g} on qnn-htp" in name for g in QUANTIZED - {"low_res"} for name in lines), lines
+    assert lines["sampled qnn-htp check"].startswith("PASS 1 graphs (--graph: 5 other graph(s) not checked)")
+
+
+@needs_htp
+@pytest.mark.slow  # the built-in bundle fixture
+def test_graph_flag_with_an_unknown_graph_is_one_line_exit_2(htp_bundle, capsys):
+    code, lines, err = _validate(htp_bundle, capsys, "--sample", "1", "--graph", "low_res", "--graph", "unet")
+    assert code == 2 and err.count("\n") == 1 and not lines, (lines, err)
+    assert "--graph unet: not a quantized graph of this bundle" in err and "low_res" in err, err
