@@ -9,7 +9,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from cw_export.export.to_onnx import EXTERNAL_THRESHOLD, PAGE, _gather_external_data
+from cw_export.export.to_onnx import EXTERNAL_THRESHOLD, PAGE, _gather_external_data, ort_session
 
 
 def _two_matmuls(rng: np.random.Generator) -> onnx.ModelProto:
@@ -47,6 +47,9 @@ def test_per_tensor_files_become_one_aligned_data_file_with_the_same_outputs(tmp
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, expected)
     onnx.checker.check_model(str(path))
+    # the export's parity session over such a graph reads the mapped weights unpacked: the same numbers
+    unpacked = ort_session(path, prepack=False).run(None, {"x": x})[0]
+    np.testing.assert_allclose(unpacked, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_inline_large_tensors_move_out_too(tmp_path):
