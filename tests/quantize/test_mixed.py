@@ -17,7 +17,7 @@ from cw_export.contract.schema import GraphEntry, QuantRecord
 from cw_export.parity.measure import graph_sqnr
 from cw_export.quantize import GraphJob, get_backend
 from cw_export.quantize.fallback import A16Fallback, back_off_mac_mix
-from cw_export.quantize.mixed import (SIXTEEN_BIT, a8_parameters, activation_quantizers, convert_macs,
+from cw_export.quantize.mixed import (SIXTEEN_BIT, a8_parameters, activation_quantizers, bias_scale_mismatches, convert_macs,
                                       convertible_macs, group_of, group_tensors, mac_inputs, merge_activations,
                                       merge_encodings, sixteen_bit_tensors, sweep)
 from cw_export.recipe import load_recipe
@@ -499,3 +499,43 @@ def test_mixed_graphs_of_external_data_graphs_copy_values_not_file_offsets(ort_p
     tensors = list(activation_quantizers(a8))[:3]
     for tensor, arrays in a8_parameters(donor_file, tensors).items():
         assert all(np.array_equal(a, b) for a, b in zip(arrays, a8_parameters(ort_pair[1].file, tensors)[tensor]))
+
+
+def _mac_chains(model, macs: list[str]) -> list[tuple[str, str]]:
+    """(writer, reader) pairs of MACs where the reader's activation input is the writer's output (through Q -> DQ)."""
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+    chosen = set(macs)
+    chains = []
+    for node in model.graph.node:
+        if node.name not in chosen:
+            continue
+        dq = produced_by.get(node.input[0])
+        q = produced_by.get(dq.input[0]) if dq is not None else None
+        writer = produced_by.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if writer is not None and writer.name in chosen:
+            chains.append((writer.name, node.name))
+    return chains
+
+
+def test_every_converted_mac_keeps_bias_scale_equal_input_times_weight_scale(ort_pair):
+    """The QNN HTP computes a quantized bias at input scale x weight scale; the CPU EP dequantizes it with any scale,
+    so only the HTP showed the SD 1.5 mix wrong (low_res 28.7 dB there, 39 dB on the CPU EP): a MAC whose input
+    another converted MAC writes (upsampler conv -> conv_shortcut) kept its 16-bit graph's bias. Every MAC of
+    every mix keeps the relation, chains included; the check itself sees a bias scale put wrong."""
+    a16, a8 = (onnx.load(str(r.file)) for r in ort_pair)
+    assert bias_scale_mismatches(a16) == [] and bias_scale_mismatches(a8) == []
+    macs = convertible_macs(a16, a8)
+    chains = _mac_chains(a16, macs)
+    assert chains, "the tiny low_res has a MAC writing another MAC's input (its upsampler conv)"
+    for chosen in (macs, [m for pair in chains for m in pair], macs[::2]):
+        assert bias_scale_mismatches(convert_macs(a16, a8, chosen)) == [], chosen
+    broken = convert_macs(a16, a8, macs)
+    produced_by = {out: node for node in broken.graph.node for out in node.output}
+    readers = {reader for _, reader in chains}
+    with_bias = [n for n in broken.graph.node if n.name in readers and len(n.input) > 2 and n.input[2]]
+    assert with_bias, f"no chained MAC with a bias in the tiny low_res: {chains}"
+    reader = with_bias[0]
+    bias_scale = produced_by[reader.input[2]].input[1]
+    target = next(i for i in broken.graph.initializer if i.name == bias_scale)
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) / 257, bias_scale))
+    assert bias_scale_mismatches(broken) == [reader.name]
