@@ -245,7 +245,7 @@ def merge_activations(base, donor, tensors: list[str]):
 BIAS_TYPE = 6  # onnx TensorProto INT32: a quantized bias (scale = input scale x weight scale)
 
 
-def bias_quantizers(model, tensors: list[str], only: set[str] | None = None) -> list[str]:
+def bias_quantizers(model, tensors: list[str]) -> list[str]:
     """Initializers (int32 values, scale, zero point) of the quantized biases of every node that reads one of
     ``tensors`` through its QuantizeLinear -> DequantizeLinear. A quantized bias's scale is its node's input scale
     times its weight scale: when the input moves to the 8-bit graph's scale, the bias must move with it (the 8-bit
@@ -258,8 +258,7 @@ def bias_quantizers(model, tensors: list[str], only: set[str] | None = None) -> 
     moved_dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in moved_q}
     found: list[str] = []
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" or not moved_dq.intersection(node.input) \
-                or (only is not None and node.name not in only):
+        if node.op_type == "DequantizeLinear" or not moved_dq.intersection(node.input):
             continue
         found.extend(n for n in node_bias_quantizers(node, produced_by, inits) if n not in found)
     return found
