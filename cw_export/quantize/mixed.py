@@ -277,21 +277,23 @@ def node_bias_quantizers(node, produced_by: dict, inits: dict) -> list[str]:
     return found
 
 
-def bias_scale_mismatches(model, rtol: float = 1e-4) -> list[str]:
+def bias_scale_mismatches(model, rtol: float = 1e-4, value: Callable | None = None) -> list[str]:
     """MAC nodes whose quantized bias scale is not their activation input's scale x their weight scale: the
     relation the QNN HTP computes the bias with (the CPU EP dequantizes it with any scale, so only the HTP shows
-    such a graph wrong)."""
+    such a graph wrong). ``value(name)`` reads an initializer (default: its inline data; the lint passes one that
+    reads a bundle's external data through the confinement)."""
     import numpy as np
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     produced_by = {out: node for node in model.graph.node for out in node.output}
+    read = value or (lambda name: numpy_helper.to_array(inits[name]))
 
     def dq_scale(name: str):
         dq = produced_by.get(name)
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
             return None
-        return numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+        return np.asarray(read(dq.input[1]), dtype=np.float64)
 
     wrong = []
     for index, node in enumerate(model.graph.node):
@@ -302,7 +304,7 @@ def bias_scale_mismatches(model, rtol: float = 1e-4) -> list[str]:
         if not bias or activation is None or weight is None:
             continue
         expected = activation * weight
-        actual = numpy_helper.to_array(inits[bias[1]]).astype(np.float64)
+        actual = np.asarray(read(bias[1]), dtype=np.float64)
         if not np.allclose(actual, expected, rtol=rtol, atol=0):
             wrong.append(node.name or f"{node.op_type}_{index}")
     return wrong

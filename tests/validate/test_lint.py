@@ -166,6 +166,30 @@ def test_a_qdq_pair_with_a_mismatched_scale_is_caught(bundle, capsys):
     assert "use different scale" in lines[f"{name} QDQ pairs"]
 
 
+def test_a_bias_scale_off_input_times_weight_scale_is_caught(bundle, capsys):
+    """(b') one MAC's int32 bias given a scale 257x too small (the SD 1.5 mix's bug: the CPU EP still dequantizes it
+    right, the QNN HTP computes the bias at input x weight scale, -12 dB there): the QDQ pairs line names the MAC."""
+    name = _quantized_graphs(_manifest(bundle))[0]
+    path = bundle / _manifest(bundle)["graphs"][name]["file"]
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    mac = next(n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 2
+               and n.input[2] in producers and producers[n.input[2]].op_type == "DequantizeLinear"
+               and inits[producers[n.input[2]].input[0]].data_type == onnx.TensorProto.INT32)
+    bias_dq = producers[mac.input[2]]
+    scale = numpy_helper.to_array(inits[bias_dq.input[1]])
+    model.graph.initializer.append(numpy_helper.from_array((scale / 257).astype(scale.dtype), "tampered_bias_scale"))
+    bias_dq.input[1] = "tampered_bias_scale"
+    onnx.save(model, str(path))
+    _rehash(bundle)
+    code, lines = _validate(bundle, capsys)
+    assert code == 2
+    assert _failed(lines) == [f"{name} QDQ pairs"]
+    assert (f"1 MAC(s) whose int32 bias scale is not input scale x weight scale (the QNN HTP computes them wrong), "
+            f"e.g. {mac.name}") in lines[f"{name} QDQ pairs"]
+
+
 def test_a_manifest_io_shape_edit_is_caught(bundle, capsys):
     """(c) an output shape changed in the manifest (manifest self-hash recomputed)."""
     manifest = _manifest(bundle)
