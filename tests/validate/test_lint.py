@@ -144,20 +144,28 @@ def test_an_encoding_moved_to_an_unquantized_tensor_is_caught_only_by_the_cross_
     assert repr(free) in lines[f"{name} encodings vs QDQ"] and repr(both[0]) in lines[f"{name} encodings vs QDQ"]
 
 
-def test_a_qdq_pair_with_a_mismatched_scale_is_caught(bundle, capsys):
-    """(b) one DequantizeLinear given its own scale, twice its QuantizeLinear's."""
-    name = _quantized_graphs(_manifest(bundle))[0]
+def _rescale_dq_scale(bundle: Path, name: str, dq_of, factor: float) -> tuple[onnx.NodeProto, dict]:
+    """Give the DequantizeLinear ``dq_of(model, inits, producers)`` picks in graph ``name`` its own scale, ``factor``
+    times the old one, save and re-hash; returns that node and the producers map."""
     path = bundle / _manifest(bundle)["graphs"][name]["file"]
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in producers
-              and producers[n.input[0]].op_type == "QuantizeLinear" and n.input[0] not in inits)
+    dq = dq_of(model, inits, producers)
     scale = numpy_helper.to_array(inits[dq.input[1]])
-    model.graph.initializer.append(numpy_helper.from_array((scale * 2).astype(scale.dtype), "tampered_scale"))
+    model.graph.initializer.append(numpy_helper.from_array((scale * factor).astype(scale.dtype), "tampered_scale"))
     dq.input[1] = "tampered_scale"
     onnx.save(model, str(path))
     _rehash(bundle)
+    return dq, producers
+
+
+def test_a_qdq_pair_with_a_mismatched_scale_is_caught(bundle, capsys):
+    """(b) one DequantizeLinear given its own scale, twice its QuantizeLinear's."""
+    name = _quantized_graphs(_manifest(bundle))[0]
+    dq, producers = _rescale_dq_scale(bundle, name, lambda model, inits, producers: next(
+        n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in producers
+        and producers[n.input[0]].op_type == "QuantizeLinear" and n.input[0] not in inits), 2)
     code, lines = _validate(bundle, capsys)
     assert code == 2
     assert _failed(lines) == [f"{name} QDQ pairs"]
@@ -170,24 +178,21 @@ def test_a_bias_scale_off_input_times_weight_scale_is_caught(bundle, capsys):
     """(b') one MAC's int32 bias given a scale 257x too small (the SD 1.5 mix's bug: the CPU EP still dequantizes it
     right, the QNN HTP computes the bias at input x weight scale, -12 dB there): the QDQ pairs line names the MAC."""
     name = _quantized_graphs(_manifest(bundle))[0]
-    path = bundle / _manifest(bundle)["graphs"][name]["file"]
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    mac = next(n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 2
-               and n.input[2] in producers and producers[n.input[2]].op_type == "DequantizeLinear"
-               and inits[producers[n.input[2]].input[0]].data_type == onnx.TensorProto.INT32)
-    bias_dq = producers[mac.input[2]]
-    scale = numpy_helper.to_array(inits[bias_dq.input[1]])
-    model.graph.initializer.append(numpy_helper.from_array((scale / 257).astype(scale.dtype), "tampered_bias_scale"))
-    bias_dq.input[1] = "tampered_bias_scale"
-    onnx.save(model, str(path))
-    _rehash(bundle)
+    macs = []
+
+    def bias_dq(model, inits, producers):
+        mac = next(n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 2
+                   and n.input[2] in producers and producers[n.input[2]].op_type == "DequantizeLinear"
+                   and inits[producers[n.input[2]].input[0]].data_type == onnx.TensorProto.INT32)
+        macs.append(mac.name)
+        return producers[mac.input[2]]
+
+    _rescale_dq_scale(bundle, name, bias_dq, 1 / 257)
     code, lines = _validate(bundle, capsys)
     assert code == 2
     assert _failed(lines) == [f"{name} QDQ pairs"]
     assert (f"1 MAC(s) whose int32 bias scale is not input scale x weight scale (the QNN HTP computes them wrong), "
-            f"e.g. {mac.name}") in lines[f"{name} QDQ pairs"]
+            f"e.g. {macs[0]}") in lines[f"{name} QDQ pairs"]
 
 
 def test_a_manifest_io_shape_edit_is_caught(bundle, capsys):
