@@ -112,7 +112,8 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
         from cw_export.models.memory_check import available_memory_bytes, estimate_build_peak_bytes
 
         def recorded_check(model, latent_hw, *args, **kwargs):
-            notes["estimated_peak_gib"] = gib(estimate_build_peak_bytes(model, latent_hw))
+            quantized = kwargs.get("quantized", False)
+            notes["estimated_peak_gib"] = gib(estimate_build_peak_bytes(model, latent_hw, quantized))
             notes["available_gib_at_check"] = gib(available_memory_bytes() or 0)
             notes["memory_check_skipped"] = skip_memory_check
             if not skip_memory_check:

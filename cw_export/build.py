@@ -133,7 +133,7 @@ def _build(recipe: Recipe, options: BuildOptions, out: Path, stages, loras=(), p
     pause_point("load")
     model = fuse_loras(load_model(options.model), loras)
     latent = latent_hw(model, recipe)
-    check_build_memory(model, latent)
+    check_build_memory(model, latent, quantized=recipe.quantized)
     if plan is not None:
         from .quantize.plan import check_plan_model
 
