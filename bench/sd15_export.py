@@ -128,7 +128,7 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
         _wrap(timeline, export_stage, "export_graph", lambda module, inputs, outputs, path, **kw: f"  graph {path.stem}"),
         _wrap(timeline, torch.onnx, "export", "    torch.onnx.export (trace + serialise)"),
         _wrap(timeline, export, "_simplify_in_place", "    onnxsim"),
-        _wrap(timeline, export, "_gather_external_data", "    gather external data (one tensor at a time)"),
+        _wrap(timeline, export, "gather_external_data", "    gather external data (one tensor at a time)"),
         _wrap(timeline, export, "measure_parity", "    onnxruntime parity run"),
         _wrap(timeline, build, "quantize_bundle", "quantize (INT8 targets)"),
         _wrap(timeline, calibrate_stage, "calibrate_stage", "  calibration trajectories (torch FP32)"),

@@ -7,7 +7,8 @@ Steps:
      even in an 8-bit graph (TIME_FEATURES_BITS)
   3. ``get_qnn_qdq_config``: INT8 symmetric weights, per-channel for Conv and (through per-tensor overrides) for
      MatMul/Gemm weights, 8- or 16-bit asymmetric activations; MinMax calibration over ``CalibrationData``
-  4. ``quantize`` -> QDQ ONNX (the graph to deploy)
+  4. onnxruntime's calibrator on the graph with its weights mapped (``mapped_calibration``), then
+     ``quantize_static`` on those ranges -> QDQ ONNX (the graph to deploy)
   5. ``htp_forms``: rewrites that keep every value but avoid forms the QNN HTP rejects or miscomputes
 """
 
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..external_data import gather_external_data
 from ..onnx_index import default_opset
 from . import A8_PERCENTILE, TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
+from .mapped_calibration import calibrate_mapped, quantize_with_ranges
 from .qnn.htp_forms import apply_htp_forms_file
 from .split_concat import split_concat_convs
 
@@ -183,9 +186,30 @@ def raise_opset(path: Path, opset: int = QDQ_OPSET) -> bool:
     return True
 
 
+def drop_preprocess_mark(path: Path) -> bool:
+    """Remove the ``onnx.infer`` mark ``qnn_preprocess_model`` leaves on its output (``onnxruntime.tools.qnn.
+    preprocess``); returns whether there was one.
+
+    onnxruntime's quantizer reloads a model whose mark is not its own (``onnxruntime.quant``, which
+    ``quantize_static``'s shape-inferring load adds only where the key is absent) through a deep copy, a save with
+    all its weights and a load: two more copies of the weights (measured on SD 1.5's low_res: the quantizer's peak
+    9.6 GiB of anonymous memory for a 3.1 GB graph; bench/quantize_memory.py). Without the mark it adds its own
+    and quantizes the model it loaded. The shipped graph's metadata then reads ``onnxruntime.quant``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    kept = [p for p in model.metadata_props if p.key != "onnx.infer"]
+    if len(kept) == len(model.metadata_props):
+        return False
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save_model(model, str(path))
+    return True
+
+
 def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
+    from onnxruntime.quantization import CalibrationMethod, QuantType
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +236,7 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
             constants_to_initializers(source)
             onnx.save_model(source, str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
         raise_opset(pre)
+        drop_preprocess_mark(pre)
         model = onnx.load(str(pre), load_external_data=False)
         # 2. time features 16-bit even in an 8-bit graph; CLIP's masked softmax stays float
         sixteen_bit = [name for name in job.input_names if name == TIME_FEATURES_INPUT]
@@ -243,8 +268,11 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
         # standard opset-21 QuantizeLinear/DequantizeLinear (16-bit capable), not com.microsoft contrib ops: other
         # tools (onnx shape inference, converters) understand them
         config.extra_options["UseQDQContribOps"] = False
-        # 4. quantize
-        quantize(str(pre), str(out), config)
+        # 4. calibrate with the weights mapped from page-aligned external data (not three copies), then quantize
+        if large:
+            gather_external_data(pre)
+        ranges = calibrate_mapped(pre, job.calibration, config, Path(tmp) / "ranges.json")
+        quantize_with_ranges(pre, out, config, ranges)
     forms = apply_htp_forms_file(out)  # 5. numerics-preserving rewrites into forms the QNN HTP runs correctly
     qdq = onnx.load(str(out), load_external_data=False)
     return QuantizedGraph(out, None, {

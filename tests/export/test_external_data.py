@@ -9,7 +9,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from cw_export.export.to_onnx import EXTERNAL_THRESHOLD, PAGE, _gather_external_data, ort_session
+from cw_export.export.to_onnx import ort_session
+from cw_export.external_data import EXTERNAL_THRESHOLD, PAGE, gather_external_data
 
 
 def _two_matmuls(rng: np.random.Generator) -> onnx.ModelProto:
@@ -36,7 +37,7 @@ def test_per_tensor_files_become_one_aligned_data_file_with_the_same_outputs(tmp
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert len(list(tmp_path.iterdir())) == 4  # the graph and a file per tensor, the bias included
 
-    _gather_external_data(path)
+    gather_external_data(path)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["low_res.onnx", "low_res.onnx.data"]
     gathered = onnx.load(str(path), load_external_data=False)
@@ -61,7 +62,7 @@ def test_inline_large_tensors_move_out_too(tmp_path):
     onnx.save_model(model, str(path))
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
-    _gather_external_data(path)
+    gather_external_data(path)
 
     gathered = onnx.load(str(path), load_external_data=False)
     external = sorted(t.name for t in gathered.graph.initializer if uses_external_data(t))
