@@ -2,7 +2,8 @@
 
 Steps:
   0. with ``split_concat_convs``: a Conv reading a channel Concat split per input (``split_concat``)
-  1. ``qnn_preprocess_model``: the graph rewrites QNN expects (Erf sequence -> Gelu, ...)
+  1. ``qnn_preprocess_model``: the graph rewrites QNN expects (Erf sequence -> Gelu, ...); over 2 GB with its
+     optimizer step mapping the weights (``mapped_preprocess``)
   2. the ``time_features`` input (the sinusoidal timestep embedding, computed by the runtime) is quantized at 16 bits
      even in an 8-bit graph (TIME_FEATURES_BITS)
   3. ``get_qnn_qdq_config``: INT8 symmetric weights, per-channel for Conv and (through per-tensor overrides) for
@@ -25,6 +26,7 @@ from ..external_data import gather_external_data
 from ..onnx_index import default_opset
 from . import A8_PERCENTILE, TIME_FEATURES_BITS, TIME_FEATURES_INPUT, GraphJob, QuantizedGraph
 from .mapped_calibration import calibrate_mapped, quantize_with_ranges
+from .mapped_preprocess import optimizer_maps_weights
 from .qnn.htp_forms import apply_htp_forms_file
 from .split_concat import split_concat_convs
 
@@ -228,8 +230,10 @@ def quantize_graph(job: GraphJob, settings, out_dir: Path) -> QuantizedGraph:
             return source
 
         pre = Path(tmp) / "pre.onnx"
-        if not qnn_preprocess_model(load_source(), str(pre), save_as_external_data=large,
-                                    all_tensors_to_one_file=True):
+        with optimizer_maps_weights(Path(tmp)) if large else contextlib.nullcontext():  # over 2 GB: mapped
+            modified = qnn_preprocess_model(load_source(), str(pre), save_as_external_data=large,
+                                            all_tensors_to_one_file=True)
+        if not modified:
             # nothing rewritten: save a fresh copy (the proto given to qnn_preprocess_model can come back pointing
             # at external data files in a temp folder it already deleted; measured on the shapes model)
             source = load_source()

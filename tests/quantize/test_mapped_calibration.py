@@ -122,3 +122,26 @@ def test_the_quantizer_quantizes_the_model_it_loaded_not_a_reloaded_copy(tmp_pat
     assert {p.key: p.value for p in shipped.metadata_props}.get("onnx.infer") == "onnxruntime.quant"
     assert any(n.op_type == "QuantizeLinear" for n in shipped.graph.node)
     assert [n.op_type for n in shipped.graph.node].count("Gelu") == 1  # preprocessed: the mark was there to drop
+
+
+def test_the_mapped_optimizer_step_gives_qnn_preprocess_models_own_graph(tmp_path):
+    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+
+    from cw_export.quantize.mapped_preprocess import INPUT_NAME, optimizer_maps_weights
+
+    source = tmp_path / "g.onnx"
+    conv_matmul_graph(source, gelu=True)
+    (tmp_path / "ort").mkdir()
+    assert qnn_preprocess_model(onnx.load(str(source)), str(tmp_path / "ort" / "pre.onnx"))
+    work = tmp_path / "mapped"
+    work.mkdir()
+    with optimizer_maps_weights(work):
+        assert qnn_preprocess_model(onnx.load(str(source)), str(work / "pre.onnx"), save_as_external_data=True,
+                                    all_tensors_to_one_file=True)
+    light = onnx.load(str(work / "pre.onnx"), load_external_data=False)
+    weights = [t for t in light.graph.initializer if t.name in ("w_conv", "w_mm")]
+    locations = {e.value for t in weights for e in t.external_data if e.key == "location"}
+    # never loaded back into a proto: the optimized graph and the preprocessed one point at the optimizer's input
+    assert len(weights) == 2 and locations == {f"{INPUT_NAME}.data"}
+    assert (onnx.load(str(work / "pre.onnx")).SerializeToString()
+            == onnx.load(str(tmp_path / "ort" / "pre.onnx")).SerializeToString())
