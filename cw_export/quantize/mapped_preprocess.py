@@ -1,4 +1,5 @@
-"""onnxruntime's ``qnn_preprocess_model`` on a graph over 2 GB, with the weights mapped in its optimizer step.
+"""onnxruntime's ``qnn_preprocess_model`` on a large graph (the backend's 1.8 GB external-data size), with the
+weights mapped in its optimizer step.
 
 ``qnn_preprocess_model`` first runs onnxruntime's basic graph optimizer (``save_and_reload_optimize_model``): it
 saves the graph to a temporary folder, opens a session on it that reads every weight into memory, has the session
@@ -11,9 +12,10 @@ to page-aligned external data (``external_data.gather_external_data``) that the 
 onnxruntime writes keeps pointing at that file for every weight it did not change, and only its proto is loaded
 back. The fusions that follow read small constants only (inline, under 1 KiB), and the graph ``qnn_preprocess_model``
 saves still points at the same file, so ``folder`` must be where that graph is saved and outlive its use (the
-backend's ``gather_external_data`` then moves the weights into the graph's own ``.data``). The output is
-``qnn_preprocess_model``'s own graph byte for byte (tests/quantize/test_mapped_calibration.py; SD 1.5's low_res
-through the whole backend: bench/quantize_memory.py).
+backend's ``gather_external_data`` then moves the weights into the graph's own ``.data``). On a small graph the
+output is ``qnn_preprocess_model``'s own byte for byte (tests/quantize/test_mapped_calibration.py); on SD 1.5's
+low_res the backend's QDQ graph is the same node for node with every input the same value, but 177 small int64
+Reshape shapes that the replaced step shared between nodes are one per node (bench/quantize_memory.py).
 """
 
 from __future__ import annotations
