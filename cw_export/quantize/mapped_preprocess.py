@@ -36,12 +36,11 @@ def _optimized_with_mapped_weights(folder: Path, model, shape_infer: bool):
 
     from ..external_data import gather_external_data
 
-    source = folder / INPUT_NAME
+    source, inferred = folder / INPUT_NAME, folder / f"inferred-{INPUT_NAME}"
     onnx.save_model(model, str(source), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{INPUT_NAME}.data")  # what the replaced step saves: initializers of 1 KiB and more
     gather_external_data(source)  # the same tensors, page-aligned
     if shape_infer:
-        inferred = folder / f"inferred-{INPUT_NAME}"
         onnx.shape_inference.infer_shapes_path(str(source), str(inferred))
         source = inferred
     optimized = folder / OPTIMIZED_NAME
@@ -50,8 +49,7 @@ def _optimized_with_mapped_weights(folder: Path, model, shape_infer: bool):
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
     onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"],
                                  disabled_optimizers=["ConstantSharing"])
-    for inferred in folder.glob(f"inferred-{INPUT_NAME}"):
-        inferred.unlink()
+    inferred.unlink(missing_ok=True)  # the shape-inferred copy's structure (its weights stay in the .data)
     result = onnx.load(str(optimized), load_external_data=False)
     marks = dict(PREPROCESS_MARK)
     marks.update({p.key: p.value for p in result.metadata_props})

@@ -92,7 +92,7 @@ def split_concat_convs(model: onnx.ModelProto) -> list[str]:
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for index in reversed(range(len(graph.initializer))):  # in place: extend() would copy every kept weight
+        if graph.initializer[index].name not in used:  # (measured: SDXL's low_res, 9.8 -> 19.7 GiB anonymous)
+            del graph.initializer[index]
     return rewritten
