@@ -287,16 +287,25 @@ def _check_unet_config(unet, folder: Path) -> None:
 
 def load_model_folder(path: str | os.PathLike) -> SDModel:
     """Load a diffusers Stable Diffusion pipeline folder offline; any broken component is a ModelError."""
+    folder = Path(path).resolve()
+    _check_folder(folder)
+    folder_adaptor(folder)  # an unsafe clockwork/adaptor.safetensors is refused whichever adaptor the build uses
+    model = read_pipeline_folder(folder)
+    model.folder = folder
+    model.source = {"kind": "folder", "path": str(folder), "sha256": folder_hash(folder)}
+    return model
+
+
+def read_pipeline_folder(folder: Path) -> SDModel:
+    """The components of a checked pipeline folder (``_check_folder``), weights memory-mapped from its safetensors
+    (file-backed pages, which the kernel can drop and re-read under memory pressure); no provenance set."""
     _set_offline()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    folder = Path(path).resolve()
-    _check_folder(folder)
     scheduler_config = _read_scheduler_config(folder)
     dual = _is_dual_text(folder)
     _check_weights(folder, dual)
-    folder_adaptor(folder)  # an unsafe clockwork/adaptor.safetensors is refused whichever adaptor the build uses
     safe = {"local_files_only": True, "use_safetensors": True}
     loaders = {
         "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **safe),
@@ -330,8 +339,6 @@ def load_model_folder(path: str | os.PathLike) -> SDModel:
         if (name == "tokenizer" or dual) and not {"vocab.json", "merges.txt"} <= set(files):
             raise ModelError(f"{name} in {folder} lacks vocab.json/merges.txt (CLIP BPE files the runtime needs)")
     _to_eval(model)
-    model.folder = folder
-    model.source = {"kind": "folder", "path": str(folder), "sha256": folder_hash(folder)}
     return model
 
 
@@ -353,13 +360,33 @@ def build_builtin_model() -> SDModel:
 def build_architecture_model(name: str, device: str = "cpu") -> SDModel:
     """``sd15-arch`` / ``sd21-arch``: a published architecture (configs.ARCHITECTURES) with seeded random weights.
 
-    Each component is created once, directly in place (no second copy of the weights). ``device="meta"`` builds
-    shapes only (for FLOP counting; no memory, no hash). The text encoder's vocab_size is the project BPE tokenizer's
+    Generated once into the build cache and read back from it (``generated_cache``: the weights are then
+    file-backed, not anonymous memory). ``device="meta"`` builds shapes only (for FLOP counting; no memory, no
+    hash). The text encoder's vocab_size is the project BPE tokenizer's
     length, so token ids differ from real CLIP; architecture, parameter count (but the embedding table) and FLOPs match.
     """
-    model = build_from_configs(configs.ARCHITECTURES[name], device)
-    model.source = {"kind": "builtin", "name": name, "seed": BUILTIN_SEED,
-                    "sha256": weights_hash(model) if device != "meta" else None}
+    if device == "meta":
+        model = build_from_configs(configs.ARCHITECTURES[name], device)
+        model.source = {"kind": "builtin", "name": name, "seed": BUILTIN_SEED, "sha256": None}
+        return model
+    return load_generated_model(name, configs.ARCHITECTURES[name])
+
+
+def load_generated_model(name: str, arch: dict, root: Path | None = None) -> SDModel:
+    """``name``'s generated model read from its cache entry: file-backed weights, the generated model's provenance
+    (``kind: builtin``, no folder), the configs' noise schedule; a hash mismatch is a ModelError."""
+    from .generated_cache import generated_folder
+
+    folder, expected = generated_folder(name, arch, BUILTIN_SEED, root)
+    _check_folder(folder)
+    model = read_pipeline_folder(folder)
+    model.scheduler_config = dict(arch["noise_schedule"])
+    model.force_zeros_for_empty_prompt = bool(arch.get("force_zeros_for_empty_prompt", False))
+    actual = weights_hash(model)
+    if actual != expected:
+        raise ModelError(f"the cached weights of {name} in {folder.parent} do not hash to what was generated "
+                         f"({actual[:12]} vs {expected[:12]}): delete that folder to generate them again")
+    model.source = {"kind": "builtin", "name": name, "seed": BUILTIN_SEED, "sha256": actual}
     return model
 
 
