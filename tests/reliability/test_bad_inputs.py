@@ -264,7 +264,7 @@ def test_not_enough_memory(cw, tmp_path, monkeypatch):
     import cw_export.models.memory_check as resources_check
 
     monkeypatch.setattr(resources_check, "available_memory_bytes", lambda: 64 * 1024**2)
-    monkeypatch.setattr(resources_check, "resident_bytes", lambda: 0)  # the tiny build's estimate is mostly held
+    monkeypatch.setattr(resources_check, "resident_bytes", lambda **_: 0)  # the tiny build's estimate is mostly held
     line = assert_refused(cw(*BUILD, "--out", tmp_path / "bundle"),
                           "GiB of memory (0.0 GiB of it held already) but only 0.1 GiB is available", tmp_path)
     assert "needs an estimated 1.5 GiB" in line
