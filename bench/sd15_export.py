@@ -4,7 +4,8 @@ Runs exactly the CLI's build path in this process (``cw_export.cli.main``) while
   * a sampler thread reads this process's RSS every ``--interval`` seconds, and
   * the stage functions of ``cw_export.build`` / ``cw_export.export.to_onnx`` are wrapped (scoped, undone on exit) to stamp
     start/end times, so every stage gets its wall time and the peak RSS seen while it ran.
-The kernel's own peak (``ru_maxrss``) is reported beside the sampled peak.
+The kernel's own peak (``ru_maxrss``) is reported beside the sampled peak, and the sampled peak of anonymous memory
+(RSS less its file-backed and shared pages: what the kernel cannot drop, e.g. not the memory-mapped weights).
 
     nohup python bench/sd15_export.py --json bench/results/sd15_export_512.json -- \
         --model sd15-arch --target cpu-fp32 --out /tmp/sd15_512 --overwrite --quiet > /tmp/sd15_512.log 2>&1 &
@@ -39,6 +40,7 @@ class Timeline:
         self.events: list[dict] = []
         self.open: list[dict] = []
         self.peak_rss = 0
+        self.peak_anon = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -49,11 +51,14 @@ class Timeline:
             self._stop.wait(self.interval)
 
     def _observe(self) -> None:
-        rss = self.process.memory_info().rss
+        info = self.process.memory_info()
+        rss, anon = info.rss, info.rss - info.shared
         with self._lock:
             self.peak_rss = max(self.peak_rss, rss)
+            self.peak_anon = max(self.peak_anon, anon)
             for event in self.open:
                 event["peak_rss"] = max(event["peak_rss"], rss)
+                event["peak_anon"] = max(event["peak_anon"], anon)
 
     def start(self) -> None:
         self._thread.start()
@@ -67,10 +72,11 @@ class Timeline:
     def stage(self, name: str):
         rss = self.process.memory_info().rss
         event = {"stage": name, "depth": len(self.open), "start_s": time.perf_counter() - self.t0,
-                 "rss_before": rss, "peak_rss": rss}
+                 "rss_before": rss, "peak_rss": rss, "peak_anon": 0}
         with self._lock:
             self.open.append(event)
             self.events.append(event)
+        print(f"[{event['start_s']:8.1f} s] {name.strip()}", file=sys.stderr, flush=True)  # a build killed mid-way
         try:
             yield
         finally:
@@ -109,12 +115,14 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
 
     check = getattr(build, "check_build_memory", None)
     if check is not None:  # record the build's own up-front estimate beside the measured peak
-        from cw_export.models.memory_check import available_memory_bytes, estimate_build_peak_bytes
+        from cw_export.models.memory_check import (available_memory_bytes, estimate_build_peak_bytes,
+                                                   file_backed_weight_bytes)
 
         def recorded_check(model, latent_hw, *args, **kwargs):
             quantized = kwargs.get("quantized", False)
             notes["estimated_peak_gib"] = gib(estimate_build_peak_bytes(model, latent_hw, quantized))
             notes["available_gib_at_check"] = gib(available_memory_bytes() or 0)
+            notes["mapped_weights_gib"] = gib(file_backed_weight_bytes(model))
             notes["memory_check_skipped"] = skip_memory_check
             if not skip_memory_check:
                 check(model, latent_hw, *args, **kwargs)
@@ -179,16 +187,19 @@ def main(argv: list[str] | None = None) -> int:
                     "load_avg_at_end": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version()},
         "peak_rss_gib_sampled": gib(timeline.peak_rss),
         "peak_rss_gib_kernel": gib(maxrss_kib * 1024),
+        "peak_anonymous_gib_sampled": gib(timeline.peak_anon),
         "build_memory_estimate": notes,
         "stages": [{"stage": e["stage"], "wall_s": round(e.get("wall_s", float("nan")), 2),
-                    "peak_rss_gib": gib(e["peak_rss"]), "rss_before_gib": gib(e["rss_before"]),
+                    "peak_rss_gib": gib(e["peak_rss"]), "peak_anonymous_gib": gib(e["peak_anon"]),
+                    "rss_before_gib": gib(e["rss_before"]),
                     "rss_after_gib": gib(e.get("rss_after", 0))} for e in timeline.events],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "stages"}, indent=2))
     for stage in result["stages"]:
-        print(f"{stage['wall_s']:9.1f} s  peak {stage['peak_rss_gib']:6.2f} GiB  {stage['stage']}")
+        print(f"{stage['wall_s']:9.1f} s  peak {stage['peak_rss_gib']:6.2f} GiB  anonymous "
+              f"{stage['peak_anonymous_gib']:6.2f} GiB  {stage['stage']}")
     return rc
 
 
