@@ -41,12 +41,12 @@ def generated_cache_key(name: str, arch: dict, seed: int) -> str:
     return f"{name}-{digest[:16]}"
 
 
-def _generate_in_child(name: str, arch: dict, tmp: Path) -> dict:
+def _generate_in_child(name: str, arch: dict, seed: int, tmp: Path) -> dict:
     """``write_generated`` in a fresh interpreter (the configs on its stdin, the metadata on its stdout), so the
     generated weights' memory goes back to the system with it (measured: a build that generated sdxl-arch in
     its own process and then read it back held 20.6 GiB anonymous, the read-back alone 0.53 GiB); its failure is
     a ModelError."""
-    request = json.dumps({"name": name, "arch": arch, "tmp": str(tmp)})
+    request = json.dumps({"name": name, "arch": arch, "seed": seed, "tmp": str(tmp)})
     done = subprocess.run([sys.executable, "-m", WRITER_MODULE], input=request, capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr.strip() or f"exit code {done.returncode}").splitlines()
@@ -56,9 +56,9 @@ def _generate_in_child(name: str, arch: dict, tmp: Path) -> dict:
 
 def generated_folder(name: str, arch: dict, seed: int, root: Path | None = None) -> tuple[Path, str]:
     """The cached pipeline folder of architecture ``name`` generated at ``seed`` (written on first use by
-    ``write_generated``, which draws at the pipeline's BUILTIN_SEED) and its weights hash."""
+    ``write_generated``) and its weights hash."""
     root = (cache_root() if root is None else root) / CACHE_DIR
-    entry, _ = cached_entry(root, generated_cache_key(name, arch, seed), lambda tmp: _generate_in_child(name, arch, tmp))
+    entry, _ = cached_entry(root, generated_cache_key(name, arch, seed), lambda tmp: _generate_in_child(name, arch, seed, tmp))
     try:
         meta = json.loads((entry / META_NAME).read_text(encoding="utf-8"))
         sha256 = meta["sha256"]

@@ -372,12 +372,12 @@ def build_architecture_model(name: str, device: str = "cpu") -> SDModel:
     return load_generated_model(name, configs.ARCHITECTURES[name])
 
 
-def load_generated_model(name: str, arch: dict, root: Path | None = None) -> SDModel:
-    """``name``'s generated model read from its cache entry: file-backed weights, the generated model's provenance
-    (``kind: builtin``, no folder), the configs' noise schedule; a hash mismatch is a ModelError."""
+def load_generated_model(name: str, arch: dict, root: Path | None = None, seed: int = BUILTIN_SEED) -> SDModel:
+    """``name``'s model generated at ``seed``, read from its cache entry: file-backed weights, the generated
+    model's provenance (``kind: builtin``, no folder), the configs' noise schedule; a hash mismatch is a ModelError."""
     from .generated_cache import generated_folder
 
-    folder, expected = generated_folder(name, arch, BUILTIN_SEED, root)
+    folder, expected = generated_folder(name, arch, seed, root)
     _check_folder(folder)
     model = read_pipeline_folder(folder)
     model.scheduler_config = dict(arch["noise_schedule"])
@@ -386,12 +386,13 @@ def load_generated_model(name: str, arch: dict, root: Path | None = None) -> SDM
     if actual != expected:
         raise ModelError(f"the cached weights of {name} in {folder.parent} do not hash to what was generated "
                          f"({actual[:12]} vs {expected[:12]}): delete that folder to generate them again")
-    model.source = {"kind": "builtin", "name": name, "seed": BUILTIN_SEED, "sha256": actual}
+    model.source = {"kind": "builtin", "name": name, "seed": seed, "sha256": actual}
     return model
 
 
-def build_from_configs(arch: dict, device: str = "cpu") -> SDModel:
-    """A pipeline of seeded random weights from component configs (configs.ARCHITECTURES' form): ``unet``,
+def build_from_configs(arch: dict, device: str = "cpu", seed: int = BUILTIN_SEED) -> SDModel:
+    """A pipeline of random weights drawn from ``seed`` (each component from its own offset) from component
+    configs (configs.ARCHITECTURES' form): ``unet``,
     ``text_encoder``, ``vae``, ``noise_schedule`` and, for SDXL-style models, ``text_encoder_2`` (a
     CLIPTextModelWithProjection sharing the project tokenizer) and ``force_zeros_for_empty_prompt``."""
     import torch
@@ -405,15 +406,15 @@ def build_from_configs(arch: dict, device: str = "cpu") -> SDModel:
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **values)
 
     with torch.device(device):
-        torch.manual_seed(BUILTIN_SEED)
+        torch.manual_seed(seed)
         unet = UNet2DConditionModel(**arch["unet"])
-        torch.manual_seed(BUILTIN_SEED + 1)
+        torch.manual_seed(seed + 1)
         text_encoder = CLIPTextModel(text_config(arch["text_encoder"]))
-        torch.manual_seed(BUILTIN_SEED + 2)
+        torch.manual_seed(seed + 2)
         vae = AutoencoderKL(**arch["vae"])
         text_encoder_2 = None
         if "text_encoder_2" in arch:
-            torch.manual_seed(BUILTIN_SEED + 3)
+            torch.manual_seed(seed + 3)
             text_encoder_2 = CLIPTextModelWithProjection(text_config(arch["text_encoder_2"]))
     model = SDModel(unet, text_encoder, tokenizer, vae, dict(arch["noise_schedule"]), tokenizer_files=tokenizer_files,
                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if text_encoder_2 is not None else None,

@@ -1,6 +1,6 @@
 """The child process of ``generated_cache``: generate an architecture model and write it as a pipeline folder.
 
-Run as ``python -m cw_export.models.write_generated`` with ``{"name", "arch", "tmp"}`` as JSON on stdin; prints the
+Run as ``python -m cw_export.models.write_generated`` with ``{"name", "arch", "seed", "tmp"}`` as JSON on stdin; prints the
 entry's metadata (the generated weights' hash) as JSON on stdout.
 """
 
@@ -15,21 +15,22 @@ from .generated_cache import FOLDER_NAME, FORMAT_VERSION
 SHARD_SIZE = "2GB"  # diffusers' default (10 GB) would serialise a whole SDXL UNet shard at once
 
 
-def write_generated(name: str, arch: dict, tmp: Path) -> dict:
-    """Generate the model, save it as a diffusers folder under ``tmp`` and return its metadata."""
+def write_generated(name: str, arch: dict, seed: int, tmp: Path) -> dict:
+    """Generate the model at ``seed``, save it as a diffusers folder under ``tmp`` and return its metadata."""
     from .pipeline import _set_offline, build_from_configs, diffusers_pipeline, weights_hash, write_tokenizer_files
 
     _set_offline()  # also silences the libraries' "Writing model shards" bars
-    model = build_from_configs(arch)
+    model = build_from_configs(arch, seed=seed)
     sha256 = weights_hash(model)
     folder = tmp / FOLDER_NAME
     diffusers_pipeline(model).save_pretrained(folder, safe_serialization=True, max_shard_size=SHARD_SIZE)
     write_tokenizer_files(model, folder / "tokenizer")
     if model.dual_text:
         write_tokenizer_files(model, folder / "tokenizer_2", model.tokenizer_2_files)
-    return {"name": name, "sha256": sha256, "format": FORMAT_VERSION}
+    return {"name": name, "seed": seed, "sha256": sha256, "format": FORMAT_VERSION}
 
 
 if __name__ == "__main__":
     request = json.loads(sys.stdin.read())
-    print(json.dumps(write_generated(request["name"], request["arch"], Path(request["tmp"]))))
+    print(json.dumps(write_generated(request["name"], request["arch"], int(request["seed"]),
+                                     Path(request["tmp"]))))

@@ -71,3 +71,12 @@ def test_a_failed_generation_is_one_model_error_and_no_entry(tmp_path, monkeypat
     with pytest.raises(ModelError, match="generating tiny-sdxl failed: .*No module named"):
         generated_folder("tiny-sdxl", configs.TINY_SDXL, BUILTIN_SEED, tmp_path)
     assert list((tmp_path / generated_cache.CACHE_DIR).iterdir()) == []  # the half-written entry is gone
+
+
+def test_the_seed_draws_the_weights_not_only_names_the_entry(generated, tmp_path):
+    _, model = generated
+    other = load_generated_model("tiny-sdxl", configs.TINY_SDXL, tmp_path, seed=BUILTIN_SEED + 7)
+    assert other.source["seed"] == BUILTIN_SEED + 7 and model.source["seed"] == BUILTIN_SEED
+    assert other.source["sha256"] != model.source["sha256"]
+    assert other.source["sha256"] == pipeline.weights_hash(pipeline.build_from_configs(configs.TINY_SDXL,
+                                                                                      seed=BUILTIN_SEED + 7))
