@@ -130,7 +130,7 @@ def instrumented(timeline: Timeline, notes: dict, skip_memory_check: bool):
         build.check_build_memory = recorded_check
 
     undo = [
-        _wrap(timeline, build, "load_model", "load model (random init + weights hash)"),
+        _wrap(timeline, build, "load_model", "load model (architecture models: generated on first use, read back mapped, hash checked)"),
         _wrap(timeline, build, "export_all", "export all graphs"),
         _wrap(timeline, export_stage, "example_inputs", "  example inputs (text encoder + first step)"),
         _wrap(timeline, export_stage, "export_graph", lambda module, inputs, outputs, path, **kw: f"  graph {path.stem}"),
