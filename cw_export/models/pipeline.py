@@ -288,17 +288,18 @@ def _check_unet_config(unet, folder: Path) -> None:
 def load_model_folder(path: str | os.PathLike) -> SDModel:
     """Load a diffusers Stable Diffusion pipeline folder offline; any broken component is a ModelError."""
     folder = Path(path).resolve()
-    _check_folder(folder)
-    folder_adaptor(folder)  # an unsafe clockwork/adaptor.safetensors is refused whichever adaptor the build uses
     model = read_pipeline_folder(folder)
+    folder_adaptor(folder)  # an unsafe clockwork/adaptor.safetensors is refused whichever adaptor the build uses
     model.folder = folder
     model.source = {"kind": "folder", "path": str(folder), "sha256": folder_hash(folder)}
     return model
 
 
 def read_pipeline_folder(folder: Path) -> SDModel:
-    """The components of a checked pipeline folder (``_check_folder``), weights memory-mapped from its safetensors
-    (file-backed pages, which the kernel can drop and re-read under memory pressure); no provenance set."""
+    """The components of a pipeline folder (``_check_folder``'s layout, each component checked as it loads),
+    weights memory-mapped from its safetensors (file-backed pages, which the kernel can drop and re-read under
+    memory pressure); no provenance set."""
+    _check_folder(folder)
     _set_offline()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -378,7 +379,6 @@ def load_generated_model(name: str, arch: dict, root: Path | None = None, seed: 
     from .generated_cache import generated_folder
 
     folder, expected = generated_folder(name, arch, seed, root)
-    _check_folder(folder)
     model = read_pipeline_folder(folder)
     model.scheduler_config = dict(arch["noise_schedule"])
     model.force_zeros_for_empty_prompt = bool(arch.get("force_zeros_for_empty_prompt", False))
