@@ -42,8 +42,9 @@ EXPORT_COPY_SHARE = 0.8  # the exporter's transient copy, as a share of the larg
 QUANTIZE_COPIES = 2.0  # quantized targets, the largest component's weights again: the quantizer loads a graph once
 #   and writes its QDQ copy (the 8- and 16-bit graphs one after the other). Measured (bench/sd15_export.py, stop 33):
 #   sdxl-arch snapdragon-int8 256x256 (--a8-sweep off, weights mapped) peaks at 18.36 GiB anonymous (19.65 GiB RSS)
-#   in the quantize stage: 1.9 x low_res's 9.46 GiB; this asks for 20.5 GiB beside the mapped weights. sd15-arch
-#   snapdragon-w8a16 64x64 (stop 32, weights in memory): 8.81 GiB, estimated 12.7
+#   in the quantize stage: 1.9 x low_res's 9.46 GiB; this asks for 20.7 GiB beside the mapped weights (stop 34:
+#   passed with the check on, 22.05 GiB available; 18.44 GiB anonymous). sd15-arch snapdragon-w8a16 64x64 (stop 32,
+#   weights in memory): 8.81 GiB, estimated 12.7
 ACTIVATION_TENSORS = 32  # live level-0 feature maps during a forward (skips, resnet/attention intermediates)
 BATCH = 2  # classifier-free guidance: [uncond, cond]
 FLOAT_BYTES = 4
