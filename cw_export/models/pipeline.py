@@ -503,13 +503,19 @@ def save_model(model: SDModel, out_dir: str | os.PathLike, overwrite: bool = Fal
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             copy_model_folder(model.folder, Path(tmp))
         return Path(out_dir)
-    pipe = diffusers_pipeline(model)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        write_tokenizer_files(model, Path(tmp) / "tokenizer")
-        if model.dual_text:
-            write_tokenizer_files(model, Path(tmp) / "tokenizer_2", model.tokenizer_2_files)
+        write_pipeline_folder(model, Path(tmp))
     return Path(out_dir)
+
+
+def write_pipeline_folder(model: SDModel, folder: Path, max_shard_size: str | None = None) -> None:
+    """A model generated in code as a diffusers folder: ``save_pretrained`` (safetensors, shards of
+    ``max_shard_size`` where given, else diffusers' default) and the tokenizer files the runtime reads."""
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    diffusers_pipeline(model).save_pretrained(folder, safe_serialization=True, **shards)
+    write_tokenizer_files(model, folder / "tokenizer")
+    if model.dual_text:
+        write_tokenizer_files(model, folder / "tokenizer_2", model.tokenizer_2_files)
 
 
 def diffusers_pipeline(model: SDModel, scheduler=None):

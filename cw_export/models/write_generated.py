@@ -17,16 +17,12 @@ SHARD_SIZE = "2GB"  # diffusers' default (10 GB) would serialise a whole SDXL UN
 
 def write_generated(name: str, arch: dict, seed: int, tmp: Path) -> dict:
     """Generate the model at ``seed``, save it as a diffusers folder under ``tmp`` and return its metadata."""
-    from .pipeline import _set_offline, build_from_configs, diffusers_pipeline, weights_hash, write_tokenizer_files
+    from .pipeline import _set_offline, build_from_configs, weights_hash, write_pipeline_folder
 
     _set_offline()  # also silences the libraries' "Writing model shards" bars
     model = build_from_configs(arch, seed=seed)
     sha256 = weights_hash(model)
-    folder = tmp / FOLDER_NAME
-    diffusers_pipeline(model).save_pretrained(folder, safe_serialization=True, max_shard_size=SHARD_SIZE)
-    write_tokenizer_files(model, folder / "tokenizer")
-    if model.dual_text:
-        write_tokenizer_files(model, folder / "tokenizer_2", model.tokenizer_2_files)
+    write_pipeline_folder(model, tmp / FOLDER_NAME, max_shard_size=SHARD_SIZE)
     return {"name": name, "seed": seed, "sha256": sha256, "format": FORMAT_VERSION}
 
 
